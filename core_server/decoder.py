@@ -1,0 +1,162 @@
+"""The cloaked decoder stack: Llama-family blocks with norm gains folded in and Q applied.
+
+Tokens of several sessions run together: projections and MLPs see one flat [N, d] batch,
+attention runs per session against its own cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from veil.bundle import CORE_WEIGHTS, CoreSpec, load_tensors, read_core_spec
+from veil.errors import BundleError
+from core_server.kv_cache import Session
+
+
+@dataclasses.dataclass(slots=True)
+class Layer:
+    qkv: torch.Tensor  # [(H + 2*KV) * hd, d]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # [d, H * hd]
+    o_bias: torch.Tensor | None
+    gate_up: torch.Tensor  # [2 * I, d]
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor  # [d, I]
+    down_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None  # [hd]
+    k_norm: torch.Tensor | None
+    window: int | None
+
+
+@dataclasses.dataclass(slots=True)
+class Segment:
+    """One session's slice of a flat batch: rows [start, start + n) at positions offset.."""
+
+    session: Session
+    offset: int
+    start: int
+    n: int
+
+
+def _cat_opt(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    if all(p is None for p in parts):
+        return None
+    assert all(p is not None for p in parts), "biases must be all present or all absent"
+    return torch.cat(parts)  # type: ignore[arg-type]
+
+
+class DecoderStack:
+    """Runs all decoder layers of a core bundle; owns no sessions, writes into theirs."""
+
+    def __init__(self, spec: CoreSpec, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+        self.spec, self.device, self.dtype = spec, device, dtype
+        self.groups = spec.num_heads // spec.num_kv_heads
+        self.q_rows = spec.num_heads * spec.head_dim
+        self.kv_rows = spec.num_kv_heads * spec.head_dim
+
+        def get(name: str, required: bool = True) -> torch.Tensor | None:
+            t = tensors.get(name)
+            if t is None and required:
+                raise BundleError(f"core bundle lacks tensor {name}")
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        self.layers: list[Layer] = []
+        for i in range(spec.num_layers):
+            p = f"layers.{i}."
+            self.layers.append(Layer(
+                qkv=torch.cat([get(p + x + ".weight") for x in "qkv"]),  # type: ignore[misc]
+                qkv_bias=_cat_opt([get(p + x + ".bias", False) for x in "qkv"]),
+                o=get(p + "o.weight"),  # type: ignore[arg-type]
+                o_bias=get(p + "o.bias", False),
+                gate_up=torch.cat([get(p + "gate.weight"), get(p + "up.weight")]),  # type: ignore[list-item]
+                gate_up_bias=_cat_opt([get(p + "gate.bias", False), get(p + "up.bias", False)]),
+                down=get(p + "down.weight"),  # type: ignore[arg-type]
+                down_bias=get(p + "down.bias", False),
+                q_norm=get(p + "q_norm.weight", False),
+                k_norm=get(p + "k_norm.weight", False),
+                window=spec.sliding_windows[i],
+            ))
+        inv_freq = tensors.get("rope.inv_freq")
+        if inv_freq is None:
+            raise BundleError("core bundle lacks tensor rope.inv_freq")
+        self.inv_freq = inv_freq.to(device=device, dtype=torch.float32)
+
+    @classmethod
+    def load(cls, bundle_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> "DecoderStack":
+        spec = read_core_spec(bundle_dir)
+        return cls(spec, load_tensors(Path(bundle_dir) / CORE_WEIGHTS), device, dtype)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # [N, hd/2] -> cos, sin [N, 1, hd], computed in float32 as the reference model does
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scale = self.spec.rope_attention_scaling
+        return (emb.cos() * scale).to(self.dtype)[:, None, :], (emb.sin() * scale).to(self.dtype)[:, None, :]
+
+    @staticmethod
+    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def _mask(self, seg: Segment, window: int | None) -> torch.Tensor | None:
+        """Boolean [n, T] mask (True = attend), or None when every cached key is visible."""
+        total = seg.offset + seg.n
+        if seg.n == 1 and (window is None or total <= window):
+            return None
+        q_pos = torch.arange(seg.offset, total, device=self.device)[:, None]
+        k_pos = torch.arange(total, device=self.device)[None, :]
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= q_pos - k_pos < window
+        return mask
+
+    def _attend(self, q: torch.Tensor, layer_idx: int, seg: Segment, window: int | None) -> torch.Tensor:
+        # q [n, H, hd] -> out [n, H * hd]; query heads are folded into the length axis per KV head
+        s, n, g, hd = self.spec, seg.n, self.groups, self.spec.head_dim
+        total = seg.offset + n
+        keys = seg.session.k[layer_idx, :, :total]  # [KV, T, hd]
+        values = seg.session.v[layer_idx, :, :total]
+        qg = q.view(n, s.num_kv_heads, g, hd).permute(1, 2, 0, 3).reshape(s.num_kv_heads, g * n, hd)
+        mask = self._mask(seg, window)
+        if mask is not None:
+            mask = mask.repeat(g, 1)  # row r = group * n + i
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+        return out.view(s.num_kv_heads, g, n, hd).permute(2, 0, 1, 3).reshape(n, s.num_heads * hd)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """x [N, d] rotated inputs of all segments -> [N, d] rotated residual stream after the last layer."""
+        s = self.spec
+        assert x.dim() == 2 and x.shape[1] == s.hidden_size
+        x = x.to(device=self.device, dtype=self.dtype)
+        positions = torch.cat([torch.arange(g.offset, g.offset + g.n, device=self.device) for g in segments])
+        cos, sin = self._rope(positions)
+        hd, eps = s.head_dim, s.rms_norm_eps
+        for li, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (s.hidden_size,), eps=eps)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            q = qkv[:, : self.q_rows].view(-1, s.num_heads, hd)
+            k = qkv[:, self.q_rows : self.q_rows + self.kv_rows].view(-1, s.num_kv_heads, hd)
+            v = qkv[:, self.q_rows + self.kv_rows :].view(-1, s.num_kv_heads, hd)
+            if layer.q_norm is not None:
+                q = F.rms_norm(q, (hd,), layer.q_norm, eps)
+                k = F.rms_norm(k, (hd,), layer.k_norm, eps)
+            q = q * cos + self._rotate_half(q) * sin
+            k = k * cos + self._rotate_half(k) * sin
+            outs = []
+            for seg in segments:
+                rows = slice(seg.start, seg.start + seg.n)
+                span = slice(seg.offset, seg.offset + seg.n)
+                seg.session.k[li, :, span] = k[rows].transpose(0, 1)
+                seg.session.v[li, :, span] = v[rows].transpose(0, 1)
+                outs.append(self._attend(q[rows], li, seg, layer.window))
+            attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+            x = x + F.linear(attn, layer.o, layer.o_bias)
+            h = F.rms_norm(x, (s.hidden_size,), eps=eps)
+            gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+        return x

@@ -1,0 +1,185 @@
+"""The edge's HTTP surface: OpenAI-compatible models and chat completions, health and metrics."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from typing import Any, AsyncIterator
+
+from litestar import Litestar, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.response import Stream
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from edge_proxy.chat_template import render_prompt
+from edge_proxy.core_client import CoreTransport, HttpCoreTransport
+from edge_proxy.edge_model import EdgeModel
+from edge_proxy.generate import Completion, Engine
+from edge_proxy.metrics import EdgeMetrics
+from edge_proxy import openai_shapes as shapes
+from edge_proxy.schemas import parse_chat_request
+from veil.errors import NotFound, ServiceUnavailable, VeilError
+from veil.http import EXCEPTION_HANDLERS
+from veil.settings import Settings
+
+log = logging.getLogger("veil.edge")
+_RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class EdgeState(State):
+    settings: Settings
+    model: EdgeModel
+    core: CoreTransport
+    engine: Engine | None
+    metrics: EdgeMetrics
+    core_verified: bool
+
+
+async def _verify_core(state: EdgeState) -> Engine:
+    """Check once that the core serves the bundle our Q belongs to; size the context from its limits."""
+    if state.engine is not None and state.core_verified:
+        return state.engine
+    info = await state.core.info()
+    if info.get("bundle_id") != state.model.spec.bundle_id:
+        raise ServiceUnavailable("the core serves a different cloaked bundle than this edge holds; "
+                                 "deploy the core bundle written with this edge bundle", code="bundle_mismatch")
+    limit = min(state.model.spec.max_positions, int(info.get("max_tokens_per_session", 0)) or 1 << 30)
+    state.engine = Engine(state.model, state.core, limit, state.metrics, state.settings.edge.default_max_tokens)
+    state.core_verified = True
+    log.info("core verified context_limit=%d", limit)
+    return state.engine
+
+
+def _model_object(state: EdgeState) -> dict[str, Any]:
+    return {"id": state.settings.model.name, "object": "model", "created": 0, "owned_by": "veil"}
+
+
+def _request_id(request: Request) -> str:
+    rid = request.headers.get("x-request-id", "")
+    return rid if _RID.match(rid) else secrets.token_hex(8)
+
+
+@get("/v1/models")
+async def list_models(state: EdgeState) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_object(state)]}
+
+
+@get("/v1/models/{model_id:str}")
+async def get_model(model_id: str, state: EdgeState) -> dict[str, Any]:
+    if model_id != state.settings.model.name:
+        raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+    return _model_object(state)
+
+
+@post("/v1/chat/completions")
+async def chat_completions(request: Request[Any, Any, EdgeState], state: EdgeState) -> Response[Any]:
+    started = time.perf_counter()
+    rid = _request_id(request)
+    chat = parse_chat_request(await request.body(), state.model.vocab_size)
+    if chat.model != state.settings.model.name:
+        raise NotFound(f"The model '{chat.model}' does not exist", param="model", code="model_not_found")
+    engine = await _verify_core(state)
+    prompt_ids = render_prompt(state.model.tokenizer, chat.messages)
+    done = Completion(prompt_tokens=len(prompt_ids), max_new_tokens=engine.budget(len(prompt_ids), chat.max_tokens))
+    ids = shapes.ChatIds(f"chatcmpl-{secrets.token_hex(12)}", chat.model, f"fp_veil_{state.model.spec.bundle_id[:8]}")
+    deltas = engine.run(prompt_ids, chat.sampling, chat.stop, done, rid)
+    headers = {"x-request-id": rid}
+
+    def finished(status: str) -> None:
+        m = state.metrics
+        m.requests.labels(status=status).inc()
+        m.prompt_tokens.inc(done.prompt_tokens)
+        m.completion_tokens.inc(done.completion_tokens)
+        elapsed = time.perf_counter() - started
+        ttft = (done.first_token_at - started) if done.first_token_at else elapsed
+        if done.first_token_at:
+            m.ttft.observe(ttft)
+        log.info("chat rid=%s status=%s stream=%s prompt_tokens=%d completion_tokens=%d finish=%s "
+                 "ttft_ms=%.1f total_ms=%.1f", rid, status, chat.stream, done.prompt_tokens,
+                 done.completion_tokens, done.finish_reason, ttft * 1000, elapsed * 1000)
+
+    if not chat.stream:
+        try:
+            text = "".join([piece async for piece in deltas])
+        except VeilError as exc:
+            finished(str(exc.status_code))
+            raise
+        finished("200")
+        return Response(shapes.completion_object(ids, text, done), headers=headers)
+
+    # Run the prefill before answering 200, so a dead core is a 503 rather than a broken stream.
+    try:
+        first = await anext(deltas, None)
+    except VeilError as exc:
+        finished(str(exc.status_code))
+        raise
+
+    async def events() -> AsyncIterator[bytes]:
+        status = "200"
+        try:
+            yield shapes.chunk(ids, {"role": "assistant", "content": "", "refusal": None}, None, chat.include_usage)
+            if first is not None:
+                yield shapes.chunk(ids, {"content": first}, None, chat.include_usage)
+                async for piece in deltas:
+                    yield shapes.chunk(ids, {"content": piece}, None, chat.include_usage)
+            yield shapes.chunk(ids, {}, done.finish_reason, chat.include_usage)
+            if chat.include_usage:
+                yield shapes.usage_chunk(ids, done)
+        except VeilError as exc:
+            status = str(exc.status_code)
+            yield shapes.error_event(exc)
+        except BaseException:
+            status = "disconnected"  # client went away (cancellation) or the server is stopping
+            raise
+        finally:
+            await deltas.aclose()
+            finished(status)
+        yield shapes.DONE
+
+    return Stream(events(), media_type="text/event-stream",
+                  headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+@get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/readyz")
+async def readyz(state: EdgeState) -> dict[str, str]:
+    await _verify_core(state)
+    return {"status": "ready"}
+
+
+@get("/metrics")
+async def metrics(state: EdgeState) -> Response[bytes]:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None = None) -> Litestar:
+    """The edge app; `core` defaults to pooled HTTP to `edge.core_url` (tests may pass another transport)."""
+    transport = core or HttpCoreTransport(settings.edge.core_url, settings.edge.core_timeout_seconds,
+                                          settings.edge.core_connections)
+    state = EdgeState({"settings": settings, "model": model, "core": transport, "engine": None,
+                       "metrics": EdgeMetrics(), "core_verified": False})
+
+    async def on_startup(app: Litestar) -> None:
+        try:
+            await _verify_core(state)
+        except VeilError as exc:
+            log.warning("core not verified at start-up code=%s; will retry per request", exc.code)
+
+    async def on_shutdown(app: Litestar) -> None:
+        await transport.aclose()
+
+    return Litestar(
+        route_handlers=[list_models, get_model, chat_completions, healthz, readyz, metrics],
+        state=state,
+        on_startup=[on_startup],
+        on_shutdown=[on_shutdown],
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=settings.edge.max_request_bytes,
+        debug=False,
+    )

@@ -1,0 +1,61 @@
+"""The edge's share of the model: tokenizer, embedding, final norm and LM head, with Q folded in.
+
+Q is applied once, at load: rows of the embedding table become Q·e (what the core expects),
+and the LM head becomes W·diag(g)·Qᵀ. RMSNorm is rotation-invariant, so
+logits = W·diag(g)·norm(Qᵀ·h') = (W·diag(g)·Qᵀ)·h'/rms(h'), and no per-token rotation is left.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from veil.bundle import EDGE_SEALED_Q, EDGE_TOKENIZER, EDGE_WEIGHTS, EdgeSpec, load_tensors, read_edge_spec
+from veil.checkpoint import load_tokenizer
+from veil.cloak import unseal_rotation
+from veil.errors import BundleError
+from veil.secretbox import KeySource
+
+
+class EdgeModel:
+    """Rotated embedding lookup and rotated-state-to-logits, both in float32 on the CPU."""
+
+    def __init__(self, spec: EdgeSpec, tokenizer: Any, embed: torch.Tensor, norm: torch.Tensor,
+                 lm_head: torch.Tensor, q: torch.Tensor):
+        self.spec, self.tokenizer = spec, tokenizer
+        d = spec.hidden_size
+        assert q.shape == (d, d) and embed.shape[1] == d and lm_head.shape[1] == d
+        q64 = q.double()
+        self.rotated_embed = (embed.double() @ q64.T).float().contiguous()  # [V, d]: row i is Q·e_i
+        self.rotated_head = (lm_head.double() * norm.double()[None, :] @ q64.T).float().contiguous()  # [V, d]
+        self.eos_ids = frozenset(spec.eos_token_ids)
+
+    @classmethod
+    def load(cls, bundle_dir: Path, key_source: KeySource) -> "EdgeModel":
+        bundle_dir = Path(bundle_dir)
+        spec = read_edge_spec(bundle_dir)
+        tensors = load_tensors(bundle_dir / EDGE_WEIGHTS)
+        try:
+            blob = (bundle_dir / EDGE_SEALED_Q).read_bytes()
+        except OSError as exc:
+            raise BundleError(f"edge bundle {bundle_dir} lacks its sealed rotation") from exc
+        q = unseal_rotation(blob, key_source, spec.bundle_id)
+        lm_head = tensors["embed"] if spec.tied_embeddings else tensors["lm_head"]
+        tokenizer = load_tokenizer(bundle_dir / EDGE_TOKENIZER)
+        return cls(spec, tokenizer, tensors["embed"], tensors["norm"], lm_head, q)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.rotated_embed.shape[0]
+
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        """[n] token ids -> [n, d] rotated input states for the core."""
+        return self.rotated_embed[torch.tensor(ids, dtype=torch.long)]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[d] rotated residual state from the core -> [V] logits."""
+        h = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=self.spec.rms_norm_eps)
+        return F.linear(h, self.rotated_head)

@@ -1,0 +1,23 @@
+"""The edge's Prometheus metrics, on a registry owned by the app. Labels never carry content."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+_FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5)
+
+
+class EdgeMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("veil_edge_requests_total", "Chat requests by outcome", ["status"], registry=r)
+        self.prompt_tokens = Counter("veil_edge_prompt_tokens_total", "Prompt tokens", registry=r)
+        self.completion_tokens = Counter("veil_edge_completion_tokens_total", "Generated tokens", registry=r)
+        self.ttft = Histogram("veil_edge_time_to_first_token_seconds", "Request start to first token", registry=r,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.step_roundtrip = Histogram("veil_edge_step_roundtrip_seconds", "Edge->core->edge step time",
+                                        registry=r, buckets=_FAST)
+        self.core_compute = Histogram("veil_edge_core_compute_seconds", "Core compute time reported per step",
+                                      registry=r, buckets=_FAST)
+        self.head = Histogram("veil_edge_head_seconds", "Final norm, LM head and sampling per token",
+                              registry=r, buckets=_FAST)

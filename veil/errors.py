@@ -1,0 +1,152 @@
+"""Veil's typed errors, rendered as OpenAI error JSON by one function.
+
+VeilError (500 server_error)
+├── ConfigError                 bad settings at start-up (never reaches HTTP)
+├── InvalidRequest (400)        the request is malformed or out of range
+│   └── ContextLengthExceeded   prompt + max tokens exceed a named limit
+├── AuthenticationFailed (401)  missing or wrong credential
+├── PermissionDenied (403)      valid credential without the needed scope
+├── NotFound (404)              unknown model, route or session
+├── Conflict (409)              step offset does not match the session
+├── PayloadTooLarge (413)       body or session token limit exceeded
+├── Unprocessable (422)         well-formed but unusable content
+├── RateLimited (429)           a rate or capacity limit; retry later
+├── BundleError                 a bundle is missing, tampered or mismatched
+└── ServiceUnavailable (503)    the core is unreachable or not ready
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class VeilError(Exception):
+    """Root of Veil's errors; the message is safe to show to a client."""
+
+    status_code = 500
+    error_type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+
+    def to_openai(self) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, self.code, self.param)
+
+
+class ConfigError(VeilError):
+    """Raised at start-up when settings are invalid."""
+
+    code = "config_error"
+
+
+class InvalidRequest(VeilError):
+    """Raised when a request is malformed or a parameter is out of range."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Raised when prompt plus requested tokens exceed the context or session limit."""
+
+    code = "context_length_exceeded"
+
+
+class AuthenticationFailed(VeilError):
+    """Raised when a credential is missing or wrong."""
+
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(VeilError):
+    """Raised when a valid credential lacks the scope a route needs."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "insufficient_scope"
+
+
+class NotFound(VeilError):
+    """Raised for an unknown model, route or session."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class Conflict(VeilError):
+    """Raised when a step's position offset does not match its session."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "offset_mismatch"
+
+
+class PayloadTooLarge(VeilError):
+    """Raised when a body, or a session's token count, exceeds its limit."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class Unprocessable(VeilError):
+    """Raised for well-formed input that cannot be used."""
+
+    status_code = 422
+    error_type = "invalid_request_error"
+    code = "unprocessable"
+
+
+class RateLimited(VeilError):
+    """Raised when a rate or capacity limit is reached; the client may retry."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class BundleError(VeilError):
+    """Raised when a bundle is missing, tampered with, or does not match its peer."""
+
+    code = "bundle_error"
+
+
+class ServiceUnavailable(VeilError):
+    """Raised when the core cannot be reached or is not ready."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "service_unavailable"
+
+
+def error_body(message: str, error_type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error envelope."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+_BY_STATUS: dict[int, type[VeilError]] = {
+    400: InvalidRequest,
+    401: AuthenticationFailed,
+    403: PermissionDenied,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+    422: Unprocessable,
+    429: RateLimited,
+    503: ServiceUnavailable,
+}
+
+
+def from_status(status: int, message: str, code: str | None = None) -> VeilError:
+    """Rebuild a typed error from a status code (e.g. one the core answered with)."""
+    cls = _BY_STATUS.get(status, VeilError)
+    return cls(message, code=code)

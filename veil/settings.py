@@ -1,0 +1,183 @@
+"""Typed settings: defaults, then a YAML file, then `VEIL_<SECTION>_<FIELD>` env vars.
+
+This is the only module that reads `os.environ` for configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from veil.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "veil.yaml"
+
+
+def default_home() -> str:
+    return str(Path.home() / ".local" / "share" / "veil")
+
+
+@dataclasses.dataclass(slots=True)
+class ModelSettings:
+    checkpoint: str = ""  # HF folder or .gguf file; empty = the bundled SmolLM2 GGUF
+    name: str = "smollm2-135m-instruct"  # model id the edge serves
+
+
+@dataclasses.dataclass(slots=True)
+class BundleSettings:
+    edge_dir: str = ""  # empty = <home>/bundles/<model name>/edge
+    core_dir: str = ""  # empty = <home>/bundles/<model name>/core
+    key_file: str = ""  # 32-byte key that seals Q at rest; empty = <home>/bundle.key
+    passphrase: str = ""  # alternative to key_file (scrypt); set via VEIL_BUNDLE_PASSPHRASE
+
+
+@dataclasses.dataclass(slots=True)
+class EdgeSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    core_url: str = "http://127.0.0.1:8001"
+    core_timeout_seconds: float = 60.0
+    core_connections: int = 32
+    default_max_tokens: int = 0  # 0 = up to the context limit
+    max_request_bytes: int = 4 * 1024 * 1024
+    threads: int = 0  # torch threads for embedding/LM head; 0 = torch default
+
+
+@dataclasses.dataclass(slots=True)
+class CoreSettings:
+    host: str = "127.0.0.1"
+    port: int = 8001
+    bundle: str = ""  # core bundle dir; empty = bundle.core_dir
+    device: str = "auto"  # auto | cpu | cuda
+    max_sessions: int = 64
+    max_tokens_per_session: int = 8192
+    session_idle_seconds: int = 300
+    max_batch_tokens: int = 8192
+    max_step_bytes: int = 64 * 1024 * 1024
+    threads: int = 0  # torch intra-op threads; 0 = torch default
+
+
+@dataclasses.dataclass(slots=True)
+class LogSettings:
+    level: str = "info"
+
+
+@dataclasses.dataclass(slots=True)
+class Settings:
+    home: str = dataclasses.field(default_factory=default_home)
+    model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
+    bundle: BundleSettings = dataclasses.field(default_factory=BundleSettings)
+    edge: EdgeSettings = dataclasses.field(default_factory=EdgeSettings)
+    core: CoreSettings = dataclasses.field(default_factory=CoreSettings)
+    log: LogSettings = dataclasses.field(default_factory=LogSettings)
+
+    def __post_init__(self) -> None:
+        for port in (self.edge.port, self.core.port):
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"port {port} is out of range 0..65535")
+        if self.core.max_sessions < 1 or self.core.max_tokens_per_session < 1:
+            raise ConfigError("core.max_sessions and core.max_tokens_per_session must be >= 1")
+        if self.core.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("core.device must be one of auto, cpu, cuda")
+
+    # Derived paths live here so every command agrees on them.
+    def model_home(self) -> Path:
+        return Path(self.home) / "bundles" / self.model.name
+
+    def edge_bundle_dir(self) -> Path:
+        return Path(self.bundle.edge_dir) if self.bundle.edge_dir else self.model_home() / "edge"
+
+    def core_bundle_dir(self) -> Path:
+        if self.core.bundle:
+            return Path(self.core.bundle)
+        return Path(self.bundle.core_dir) if self.bundle.core_dir else self.model_home() / "core"
+
+    def key_file_path(self) -> Path:
+        return Path(self.bundle.key_file) if self.bundle.key_file else Path(self.home) / "bundle.key"
+
+
+def _coerce(value: str, kind: Any, name: str) -> Any:
+    try:
+        if kind is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a {kind.__name__}") from None
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(obj: Any, values: Mapping[str, Any], where: str) -> None:
+    hints = _section_types(type(obj))
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown setting {where}{key}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}{key} must be a mapping")
+            _apply(getattr(obj, key), value, f"{where}{key}.")
+            continue
+        if isinstance(kind, types.UnionType):
+            kind = str
+        if isinstance(value, str) and kind is not str:
+            value = _coerce(value, kind, f"{where}{key}")
+        elif kind is float and isinstance(value, int):
+            value = float(value)
+        elif not isinstance(value, kind):
+            raise ConfigError(f"{where}{key} must be a {kind.__name__}")
+        setattr(obj, key, value)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Map VEIL_EDGE_PORT=9000 to {"edge": {"port": "9000"}} for every known field."""
+    out: dict[str, Any] = {}
+    for name, kind in _section_types(Settings).items():
+        if dataclasses.is_dataclass(kind):
+            for field in _section_types(kind):
+                env = f"VEIL_{name}_{field}".upper()
+                if env in environ:
+                    out.setdefault(name, {})[field] = environ[env]
+        else:
+            env = f"VEIL_{name}".upper()
+            if env in environ:
+                out[name] = environ[env]
+    return out
+
+
+def load_settings(
+    config_path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from defaults, the YAML file, VEIL_* env vars, then explicit overrides."""
+    environ = os.environ if environ is None else environ
+    path = Path(config_path or environ.get("VEIL_CONFIG") or DEFAULT_CONFIG)
+    settings = Settings()
+    if path.exists():
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML") from exc
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config file {path} must hold a mapping")
+        _apply(settings, data, "")
+    elif config_path or environ.get("VEIL_CONFIG"):
+        raise ConfigError(f"config file {path} does not exist")
+    _apply(settings, _env_overrides(environ), "")
+    if overrides:
+        _apply(settings, overrides, "")
+    settings.__post_init__()
+    return settings
