@@ -144,5 +144,6 @@ def create_app(settings: Settings) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.core.max_step_bytes,
         openapi_config=None,
+        logging_config=None,
         debug=False,
     )

@@ -14,19 +14,16 @@ import torch.nn.functional as F
 
 from veil.bundle import CORE_WEIGHTS, CoreSpec, load_tensors, read_core_spec
 from veil.errors import BundleError
+from veil.linear import Linear
 from core_server.kv_cache import Session
 
 
 @dataclasses.dataclass(slots=True)
 class Layer:
-    qkv: torch.Tensor  # [(H + 2*KV) * hd, d]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # [d, H * hd]
-    o_bias: torch.Tensor | None
-    gate_up: torch.Tensor  # [2 * I, d]
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor  # [d, I]
-    down_bias: torch.Tensor | None
+    qkv: Linear  # [(H + 2*KV) * hd, d]
+    o: Linear  # [d, H * hd]
+    gate_up: Linear  # [2 * I, d]
+    down: Linear  # [d, I]
     q_norm: torch.Tensor | None  # [hd]
     k_norm: torch.Tensor | None
     window: int | None
@@ -68,14 +65,12 @@ class DecoderStack:
         for i in range(spec.num_layers):
             p = f"layers.{i}."
             self.layers.append(Layer(
-                qkv=torch.cat([get(p + x + ".weight") for x in "qkv"]),  # type: ignore[misc]
-                qkv_bias=_cat_opt([get(p + x + ".bias", False) for x in "qkv"]),
-                o=get(p + "o.weight"),  # type: ignore[arg-type]
-                o_bias=get(p + "o.bias", False),
-                gate_up=torch.cat([get(p + "gate.weight"), get(p + "up.weight")]),  # type: ignore[list-item]
-                gate_up_bias=_cat_opt([get(p + "gate.bias", False), get(p + "up.bias", False)]),
-                down=get(p + "down.weight"),  # type: ignore[arg-type]
-                down_bias=get(p + "down.bias", False),
+                qkv=Linear(torch.cat([get(p + x + ".weight") for x in "qkv"]),  # type: ignore[misc]
+                           _cat_opt([get(p + x + ".bias", False) for x in "qkv"])),
+                o=Linear(get(p + "o.weight"), get(p + "o.bias", False)),  # type: ignore[arg-type]
+                gate_up=Linear(torch.cat([get(p + "gate.weight"), get(p + "up.weight")]),  # type: ignore[list-item]
+                               _cat_opt([get(p + "gate.bias", False), get(p + "up.bias", False)])),
+                down=Linear(get(p + "down.weight"), get(p + "down.bias", False)),  # type: ignore[arg-type]
                 q_norm=get(p + "q_norm.weight", False),
                 k_norm=get(p + "k_norm.weight", False),
                 window=spec.sliding_windows[i],
@@ -138,7 +133,7 @@ class DecoderStack:
         hd, eps = s.head_dim, s.rms_norm_eps
         for li, layer in enumerate(self.layers):
             h = F.rms_norm(x, (s.hidden_size,), eps=eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(h)
             q = qkv[:, : self.q_rows].view(-1, s.num_heads, hd)
             k = qkv[:, self.q_rows : self.q_rows + self.kv_rows].view(-1, s.num_kv_heads, hd)
             v = qkv[:, self.q_rows + self.kv_rows :].view(-1, s.num_kv_heads, hd)
@@ -155,8 +150,8 @@ class DecoderStack:
                 seg.session.v[li, :, span] = v[rows].transpose(0, 1)
                 outs.append(self._attend(q[rows], li, seg, layer.window))
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = x + F.linear(attn, layer.o, layer.o_bias)
+            x = x + layer.o(attn)
             h = F.rms_norm(x, (s.hidden_size,), eps=eps)
-            gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         return x

@@ -181,5 +181,6 @@ def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None 
         on_shutdown=[on_shutdown],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.edge.max_request_bytes,
+        logging_config=None,
         debug=False,
     )

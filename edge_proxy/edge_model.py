@@ -17,6 +17,7 @@ from veil.bundle import EDGE_SEALED_Q, EDGE_TOKENIZER, EDGE_WEIGHTS, EdgeSpec, l
 from veil.checkpoint import load_tokenizer
 from veil.cloak import unseal_rotation
 from veil.errors import BundleError
+from veil.linear import Linear
 from veil.secretbox import KeySource
 
 
@@ -31,6 +32,7 @@ class EdgeModel:
         q64 = q.double()
         self.rotated_embed = (embed.double() @ q64.T).float().contiguous()  # [V, d]: row i is Q·e_i
         self.rotated_head = (lm_head.double() * norm.double()[None, :] @ q64.T).float().contiguous()  # [V, d]
+        self.head = Linear(self.rotated_head)
         self.eos_ids = frozenset(spec.eos_token_ids)
 
     @classmethod
@@ -58,4 +60,4 @@ class EdgeModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[d] rotated residual state from the core -> [V] logits."""
         h = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=self.spec.rms_norm_eps)
-        return F.linear(h, self.rotated_head)
+        return self.head(h[None, :])[0]

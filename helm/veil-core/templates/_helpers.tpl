@@ -130,9 +130,9 @@ crypto/rand bytes: its 2nd character supplies the 4 bits (mod 16) and the last
 {{- $second := substr 1 2 $random }}
 {{- $index := 0 }}
 {{- range $i, $c := splitList "" $alphabet }}
-{{- if eq $c $second }}{{ $index = mod $i 16 }}{{ end }}
+{{- if eq $c $second }}{{ $index = int (mod $i 16) }}{{ end }}
 {{- end }}
-{{- $body := printf "MC4CAQAwBQYDK2VuBCIEI%s%s" (substr $index (add1 $index) $alphabet) (substr 2 44 $random) }}
+{{- $body := printf "MC4CAQAwBQYDK2VuBCIEI%s%s" (substr $index (int (add1 $index)) $alphabet) (substr 2 44 $random) }}
 {{- printf "-----BEGIN PRIVATE KEY-----\n%s\n-----END PRIVATE KEY-----\n" $body }}
 {{- end }}
 
