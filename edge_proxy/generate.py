@@ -31,7 +31,7 @@ class Completion:
     max_new_tokens: int
     completion_tokens: int = 0
     finish_reason: str | None = None
-    token_ids: list[int] = dataclasses.field(default_factory=list)
+    token_ids: list[int] = dataclasses.field(default_factory=list)  # every sampled token, EOS included
     first_token_at: float | None = None
 
 
@@ -95,12 +95,12 @@ class Engine:
                 offset += len(pending)
                 token = await asyncio.to_thread(self._next_token, hidden, sampler)
                 done.completion_tokens += 1
+                done.token_ids.append(token)
                 if done.first_token_at is None:
                     done.first_token_at = time.perf_counter()
                 if token in self.model.eos_ids:
                     done.finish_reason = "stop"
                     break
-                done.token_ids.append(token)
                 history.append(token)
                 text, stopped = stop.feed(detok.push(token))
                 if text:

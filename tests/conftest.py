@@ -1,0 +1,81 @@
+"""Shared fixtures: a clean environment, the bundled model and its bundles, tiny models, real servers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+for _name in [k for k in os.environ if k.startswith("VEIL_")]:
+    del os.environ[_name]
+
+from tests.servers import VeilPair  # noqa: E402
+from veil.checkpoint import Checkpoint, bundled_model_path, load_checkpoint  # noqa: E402
+from veil.cloak import cloak  # noqa: E402
+from veil.secretbox import KeySource, create_key_file  # noqa: E402
+
+SMOL_NAME = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smol() -> Checkpoint:
+    """The real SmolLM2-135M-Instruct, loaded once (also the unsplit reference)."""
+    return load_checkpoint(bundled_model_path())
+
+
+@pytest.fixture(scope="session")
+def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "bundle.key"
+    create_key_file(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_bundles(smol: Checkpoint, key_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("smol-bundles")
+    edge, core = root / "edge", root / "core"
+    cloak(smol, edge, core, KeySource(key_file=key_file), SMOL_NAME, progress=False)
+    return edge, core
+
+
+@pytest.fixture(scope="session")
+def smol_servers(smol_bundles: tuple[Path, Path], key_file: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Core + edge for SmolLM2 on loopback; the core's per-session limit is 2048 to keep limit tests cheap."""
+    pair = VeilPair(tmp_path_factory.mktemp("smol-servers"), *smol_bundles, key_file, SMOL_NAME,
+                    core_env={"VEIL_CORE_MAX_TOKENS_PER_SESSION": "2048", "VEIL_CORE_SESSION_IDLE_SECONDS": "120"})
+    yield pair
+    pair.stop()
+
+
+def reference_greedy(ckpt: Checkpoint, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Plain transformers greedy generation: the unsplit reference."""
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = ckpt.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False, pad_token_id=ckpt.tokenizer.pad_token_id or 0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(smol: Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny HF folder per architecture, sharing SmolLM2's tokenizer and chat template."""
+    from tests.tiny_models import ARCHITECTURES, build_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: build_tiny(arch, smol.tokenizer, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tiny_checkpoints: dict[str, Path], key_file: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Checkpoint, Path, Path]]:
+    root = tmp_path_factory.mktemp("tiny-bundles")
+    out = {}
+    for arch, folder in tiny_checkpoints.items():
+        ckpt = load_checkpoint(folder)
+        edge, core = root / arch / "edge", root / arch / "core"
+        cloak(ckpt, edge, core, KeySource(key_file=key_file), f"tiny-{arch}", progress=False)
+        out[arch] = (ckpt, edge, core)
+    return out

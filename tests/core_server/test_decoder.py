@@ -1,0 +1,75 @@
+"""The folded, rotated decoder stack equals the original model's blocks (up to float error)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from core_server.decoder import DecoderStack, Segment
+from core_server.kv_cache import Session
+from tests.tiny_models import ARCHITECTURES
+from veil.bundle import EDGE_SEALED_Q, read_edge_spec
+from veil.cloak import unseal_rotation
+from veil.secretbox import KeySource
+
+
+def _setup(tiny_bundles, key_file: Path, arch: str):
+    ckpt, edge, core = tiny_bundles[arch]
+    stack = DecoderStack.load(core, torch.device("cpu"))
+    q = unseal_rotation((edge / EDGE_SEALED_Q).read_bytes(), KeySource(key_file=key_file),
+                        read_edge_spec(edge).bundle_id).float()
+    return ckpt.model, stack, q
+
+
+def _session(stack: DecoderStack, sid: str = "s" * 16) -> Session:
+    s = stack.spec
+    sess = Session(sid, s.num_layers, s.num_kv_heads, s.head_dim, torch.float32, torch.device("cpu"))
+    sess.reserve(64, 512)
+    return sess
+
+
+def _run(stack: DecoderStack, sess: Session, x: torch.Tensor, offset: int) -> torch.Tensor:
+    out = stack.forward(x, [Segment(sess, offset, 0, x.shape[0])])
+    sess.length = offset + x.shape[0]
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_prefill_then_decode_matches_the_unsplit_model(arch: str, tiny_bundles, key_file: Path) -> None:
+    model, stack, q = _setup(tiny_bundles, key_file, arch)
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = model.model(ids, output_hidden_states=True).hidden_states[-1][0]  # after the final norm
+        x = model.model.embed_tokens(ids)[0] @ q.T  # what the edge sends: Q·x
+    sess = _session(stack)
+    outs = [_run(stack, sess, x[:20], 0)] + [_run(stack, sess, x[t : t + 1], t) for t in range(20, 24)]
+    h = torch.cat(outs) @ q  # un-rotate: Qᵀ·h'
+    got = model.model.norm(h)
+    assert torch.allclose(got, ref, atol=2e-4, rtol=1e-4), (got - ref).abs().max()
+    if arch == "mistral":
+        assert stack.spec.sliding_windows[0] == 16  # the 24-token run crosses the window
+
+
+def test_batched_sessions_equal_separate_runs(tiny_bundles, key_file: Path) -> None:
+    model, stack, q = _setup(tiny_bundles, key_file, "qwen2")
+    gen = torch.Generator().manual_seed(1)
+    xa, xb = torch.randn(9, 64, generator=gen), torch.randn(5, 64, generator=gen)
+    sa, sb = _session(stack, "a" * 16), _session(stack, "b" * 16)
+    alone_a = torch.cat([_run(stack, sa, xa[:8], 0), _run(stack, sa, xa[8:], 8)])
+    alone_b = _run(stack, sb, xb, 0)
+    ta, tb = _session(stack, "c" * 16), _session(stack, "d" * 16)
+    _run(stack, ta, xa[:8], 0)
+    # one forward holding a decode step of one session and a prefill of another
+    both = stack.forward(torch.cat([xa[8:], xb]), [Segment(ta, 8, 0, 1), Segment(tb, 0, 1, 5)])
+    assert torch.allclose(both[:1], alone_a[8:], atol=1e-5)
+    assert torch.allclose(both[1:], alone_b, atol=1e-5)
+
+
+def test_rolling_back_an_offset_recomputes_from_there(tiny_bundles, key_file: Path) -> None:
+    model, stack, q = _setup(tiny_bundles, key_file, "llama")
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(2))
+    sess = _session(stack)
+    first = _run(stack, sess, x, 0)
+    _run(stack, sess, torch.randn(2, 64), 6)  # speculative tokens, then rejected
+    again = _run(stack, sess, x[4:], 4)
+    assert torch.allclose(again, first[4:], atol=1e-5)
