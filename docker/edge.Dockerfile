@@ -44,7 +44,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 VOLUME ["/var/lib/veil"]
 EXPOSE 8000
 USER 10001:10001
-# Any HTTP answer below 500 means the server is up (most routes need an API key).
+# /healthz: the process serves (its /readyz also checks the core).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["python", "/usr/local/bin/veil-healthcheck", "--port-env", "VEIL_EDGE_PORT", "--any-response", "/healthz"]
+  CMD ["python", "/usr/local/bin/veil-healthcheck", "--port-env", "VEIL_EDGE_PORT", "/healthz"]
 ENTRYPOINT ["veil", "edge"]

@@ -107,6 +107,23 @@ def lint(values: dict[str, Any] | None = None) -> dict[str, Any]:
     )
 
 
+# "default" is values.yaml alone; the rest are the chart's ci/ values files.
+VARIANTS: dict[str, dict[str, Any]] = {"default": {}}
+VARIANTS.update(
+    {p.name.removesuffix("-values.yaml"): load_values(p) for p in sorted(CI_DIR.glob("*-values.yaml"))}
+)
+_cache: dict[tuple[str, bool], Rendered] = {}
+
+
+def rendered_variant(variant: str, *, operator: bool = True) -> Rendered:
+    """Render a variant once per session; `operator`: the Prometheus operator's API exists."""
+    key = (variant, operator)
+    if key not in _cache:
+        api = (PROMETHEUS_OPERATOR_API,) if operator else ()
+        _cache[key] = render(VARIANTS[variant] or None, api_versions=api)
+    return _cache[key]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-f", "--values", type=Path, help="values file")

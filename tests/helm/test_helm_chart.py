@@ -9,8 +9,15 @@ import helm_python
 import jsonschema
 import kubernetes_validate
 import pytest
-from conftest import VARIANTS, rendered_variant
-from helm_render import CHART_DIR, KUBE_VERSION, lint, render, validate_values
+from tests.helm.helm_render import (
+    CHART_DIR,
+    KUBE_VERSION,
+    VARIANTS,
+    lint,
+    render,
+    rendered_variant,
+    validate_values,
+)
 
 K8S = KUBE_VERSION.removeprefix("v")
 

@@ -8,10 +8,21 @@ import re
 from typing import Any
 
 import pytest
-from conftest import VARIANTS, rendered_variant
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from helm_render import CHART_DIR, NAMESPACE, Rendered, render
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    load_pem_private_key,
+)
+from tests.helm.helm_render import (
+    CHART_DIR,
+    NAMESPACE,
+    VARIANTS,
+    Rendered,
+    render,
+    rendered_variant,
+)
 
 # What the core serves (core_server's contract): liveness, readiness, metrics.
 HEALTHZ, READYZ, METRICS = "/healthz", "/readyz", "/metrics"
@@ -174,9 +185,9 @@ def test_generated_identity_key_is_a_fresh_x25519_pem_in_a_kept_secret() -> None
 
 def test_supplied_or_existing_identity_key_is_used() -> None:
     pem = (
-        "-----BEGIN PRIVATE KEY-----\n"
-        "MC4CAQAwBQYDK2VuBCIEIHBgZQ3cK3vHfSDuIeVxJ0oB7B5xwGQ8Z3n1VbX2l5Rk\n"
-        "-----END PRIVATE KEY-----\n"
+        X25519PrivateKey.generate()
+        .private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+        .decode()
     )
     secret = render({"identity": {"privateKey": pem}}).one("Secret")
     assert base64.b64decode(secret["data"]["identity.key"]).decode() == pem

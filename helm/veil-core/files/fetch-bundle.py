@@ -29,6 +29,12 @@ def fetch(url: str, dest: str, expected: str | None, headers: dict[str, str]) ->
                 while chunk := response.read(CHUNK):
                     digest.update(chunk)
                     out.write(chunk)
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500 or attempt == ATTEMPTS:  # 4xx will not get better
+                raise SystemExit(f"fetch-bundle: {url}: HTTP {exc.code}") from exc
+            print(f"fetch-bundle: {url}: HTTP {exc.code}; retry {attempt}", file=sys.stderr)
+            time.sleep(2**attempt)
+            continue
         except (urllib.error.URLError, OSError) as exc:
             if attempt == ATTEMPTS:
                 raise SystemExit(f"fetch-bundle: {url}: {exc}") from exc

@@ -1,0 +1,152 @@
+"""docker/*.Dockerfile: hadolint, plus the rules that matter checked directly."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILES = {
+    "core": REPO / "docker" / "core.Dockerfile",
+    "edge": REPO / "docker" / "edge.Dockerfile",
+}
+SECRETISH = re.compile(r"(PASSWORD|PASSPHRASE|SECRET|TOKEN|API_KEY|PRIVATE_KEY|ACCESS_KEY)", re.I)
+WEIGHTS = re.compile(r"\.(safetensors|gguf|bin|pt|pth|ckpt|onnx)\b|bundles?/|\.key\b|\.pem\b", re.I)
+
+
+def hadolint() -> str:
+    beside = Path(sys.executable).parent / "hadolint"
+    found = str(beside) if beside.exists() else shutil.which("hadolint")
+    assert found, "hadolint is missing: run scripts/install_helm_tools.sh"
+    return found
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    buffer = ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        buffer += stripped.removesuffix("\\").strip() + " "
+        if not stripped.endswith("\\"):
+            word, _, rest = buffer.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+            buffer = ""
+    return out
+
+
+@pytest.fixture(params=sorted(DOCKERFILES))
+def dockerfile(request: pytest.FixtureRequest) -> Path:
+    return DOCKERFILES[request.param]
+
+
+def test_hadolint_passes(dockerfile: Path) -> None:
+    result = subprocess.run(
+        [hadolint(), "--no-color", "--failure-threshold", "info", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bases_are_pinned_by_tag_and_digest(dockerfile: Path) -> None:
+    stages: set[str] = set()
+    for word, args in instructions(dockerfile):
+        if word != "FROM":
+            continue
+        parts = [p for p in args.split() if not p.startswith("--platform")]
+        image = parts[0]
+        # FROM base-${VARIANT}: a stage above, itself built from a pinned base.
+        as_stage = re.escape(image).replace(re.escape("${VARIANT}"), "[a-z]+")
+        if not any(re.fullmatch(as_stage, stage) for stage in stages):
+            assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", image), f"unpinned base {image}"
+            assert ":latest@" not in image
+        if len(parts) >= 3 and parts[1].upper() == "AS":
+            stages.add(parts[2])
+
+
+def test_runs_as_a_non_root_user_with_a_healthcheck(dockerfile: Path) -> None:
+    steps = instructions(dockerfile)
+    last_from = max(i for i, (w, _) in enumerate(steps) if w == "FROM")
+    final = steps[last_from:]
+    users = [a for w, a in final if w == "USER"]
+    assert users, "the final stage sets no USER"
+    user = users[-1].split(":")[0]
+    assert user not in {"root", "0"}
+    healthchecks = [a for w, a in final if w == "HEALTHCHECK"]
+    assert len(healthchecks) == 1 and "CMD" in healthchecks[0]
+    assert "veil-healthcheck" in healthchecks[0]
+    entrypoint = [a for w, a in final if w == "ENTRYPOINT"]
+    expected = '["veil", "core"]' if dockerfile.name.startswith("core") else '["veil", "edge"]'
+    assert entrypoint == [expected]
+
+
+def test_no_secrets_or_weights_baked_in(dockerfile: Path) -> None:
+    for word, args in instructions(dockerfile):
+        if word in {"ENV", "ARG", "LABEL"}:
+            names = re.findall(r"([A-Za-z_][A-Za-z0-9_.]*)=", args) or [args.split()[0]]
+            assert not any(SECRETISH.search(n) for n in names), f"{word} {args}"
+        if word in {"COPY", "ADD"}:
+            assert not WEIGHTS.search(args), f"{word} {args}"
+            assert word != "ADD" or not re.search(r"https?://", args), "no remote ADD"
+        if word == "RUN":
+            assert not re.search(r"(curl|wget)\b.*(huggingface|hf\.co)", args), "no weights download"
+
+
+def test_core_image_ships_no_edge_or_admin_code() -> None:
+    copies = " ".join(a for w, a in instructions(DOCKERFILES["core"]) if w in {"COPY", "ADD"})
+    assert "edge_proxy" not in copies and "admin" not in copies
+    assert "COPY . " not in copies
+    assert "core_server" in copies and "veil" in copies
+
+
+def test_dockerignore_keeps_weights_keys_and_state_out_of_the_context() -> None:
+    patterns = {
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for needed in [".git", ".venv", "**/*.safetensors", "**/*.gguf", "**/*.key", "**/*.pem", "**/.env", ".veil"]:
+        assert needed in patterns, needed
+    for kept in ["README.md", "pyproject.toml", "docker", "veil", "core_server"]:
+        assert kept not in patterns, kept
+
+
+def test_healthcheck_script_reports_ready_and_not_ready(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response({"/readyz": 200, "/healthz": 200, "/loading": 503}.get(self.path, 404))
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        script = REPO / "docker" / "healthcheck.py"
+        env = {"VEIL_CORE_PORT": str(server.server_address[1]), "PATH": "/usr/bin:/bin"}
+
+        def run(*args: str) -> int:
+            return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True).returncode
+
+        assert run("/readyz") == 0
+        assert run("/loading") == 1
+        assert run("/missing") == 1
+        assert run("--any-response", "/missing") == 0
+        assert run("--port-env", "NOPE", "--port", "1", "/readyz") == 1  # nothing listens
+    finally:
+        server.shutdown()
+        server.server_close()

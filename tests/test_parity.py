@@ -1,0 +1,86 @@
+"""With no noise, Veil's split greedy output equals plain transformers `generate`, token for token."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import openai
+import pytest
+
+from edge_proxy.chat_template import render_prompt
+from edge_proxy.core_client import HttpCoreTransport
+from edge_proxy.edge_model import EdgeModel
+from edge_proxy.generate import Completion, Engine
+from edge_proxy.metrics import EdgeMetrics
+from edge_proxy.sampling import SamplingParams
+from tests.conftest import SMOL_NAME, reference_greedy
+from tests.servers import VeilPair
+from tests.tiny_models import ARCHITECTURES
+from veil.secretbox import KeySource
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain in one sentence why the sky is blue.",
+    "List three prime numbers.",
+    "Translate 'good morning' into Spanish and German.",
+]
+NEW_TOKENS = 32
+
+
+def _messages(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def _until_eos(ids: list[int], eos: frozenset[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[: i + 1]
+    return ids
+
+
+async def _veil_greedy(model: EdgeModel, core_url: str, prompt_ids: list[int], n: int) -> list[int]:
+    transport = HttpCoreTransport(core_url, 60, 4)
+    engine = Engine(model, transport, context_limit=model.spec.max_positions, metrics=EdgeMetrics())
+    done = Completion(prompt_tokens=len(prompt_ids), max_new_tokens=n)
+    try:
+        async for _ in engine.run(prompt_ids, SamplingParams(temperature=0.0), [], done, "parity"):
+            pass
+    finally:
+        await transport.aclose()
+    return done.token_ids
+
+
+def _check_pair(ckpt, pair: VeilPair, edge_model: EdgeModel, model_name: str, prompts: list[str], n: int) -> None:
+    client = openai.OpenAI(base_url=pair.base_url, api_key="unused")
+    for prompt in prompts:
+        prompt_ids = render_prompt(ckpt.tokenizer, _messages(prompt))
+        want = _until_eos(reference_greedy(ckpt, prompt_ids, n), edge_model.eos_ids)
+        got = asyncio.run(_veil_greedy(edge_model, pair.core.url, prompt_ids, n))
+        assert got == want, f"token mismatch for prompt #{prompts.index(prompt)}"
+        text = ckpt.tokenizer.decode([t for t in want if t not in edge_model.eos_ids], skip_special_tokens=True)
+        kwargs = dict(model=model_name, messages=_messages(prompt), temperature=0, max_tokens=n)
+        assert client.chat.completions.create(**kwargs).choices[0].message.content == text
+        streamed = "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(stream=True, **kwargs) if c.choices)
+        assert streamed == text
+
+
+def test_smollm2_split_greedy_equals_transformers_generate(smol, smol_servers, smol_bundles, key_file: Path) -> None:
+    edge_model = EdgeModel.load(smol_bundles[0], KeySource(key_file=key_file))
+    _check_pair(smol, smol_servers, edge_model, SMOL_NAME, PROMPTS, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_tiny_architectures_split_greedy_equals_transformers_generate(arch: str, tiny_bundles, key_file: Path,
+                                                                      tmp_path: Path) -> None:
+    ckpt, edge, core = tiny_bundles[arch]
+    pair = VeilPair(tmp_path, edge, core, key_file, f"tiny-{arch}")
+    try:
+        edge_model = EdgeModel.load(edge, KeySource(key_file=key_file))
+        _check_pair(ckpt, pair, edge_model, f"tiny-{arch}", PROMPTS, 20)
+    finally:
+        pair.stop()
