@@ -12,7 +12,7 @@ ARG VARIANT=cuda
 
 # Bases are pinned by tag and multi-platform digest; bump both together.
 # torch's own wheels carry the CUDA user-space libraries; the base brings a
-# matching runtime and the NVIDIA container-toolkit settings.
+# matching runtime and the NVIDIA container-toolkit env (NVIDIA_DRIVER_CAPABILITIES).
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04@sha256:828c4d878adcaa4265d80c95d8ec877149b49bb2419a4cf3bb6aa889bbb7ca2e AS base-cuda
 # Ubuntu's python3 (3.12) in a venv; apt packages follow the pinned base.
 # hadolint ignore=DL3008
@@ -20,8 +20,6 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/venv
-ENV NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 FROM python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1 AS base-cpu
 RUN python -m venv /opt/venv
@@ -54,7 +52,6 @@ FROM base-${VARIANT} AS runtime
 ARG VARIANT
 LABEL org.opencontainers.image.title="veil-core" \
       org.opencontainers.image.description="Veil core server: cloaked decoder blocks behind a binary step API" \
-      org.opencontainers.image.licenses="Apache-2.0" \
       dev.veil.variant="${VARIANT}"
 RUN groupadd --system --gid 10001 veil \
  && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home \

@@ -23,8 +23,7 @@ RUN pip install ".[edge]" \
 
 FROM python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1 AS runtime
 LABEL org.opencontainers.image.title="veil-edge" \
-      org.opencontainers.image.description="Veil edge proxy: OpenAI-compatible API that cloaks prompts before the core" \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.description="Veil edge proxy: OpenAI-compatible API that cloaks prompts before the core"
 RUN groupadd --system --gid 10001 veil \
  && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home \
       --shell /usr/sbin/nologin veil \

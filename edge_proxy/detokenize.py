@@ -29,11 +29,11 @@ class IncrementalDetokenizer:
         return full[len(prefix) :]
 
     def flush(self) -> str:
-        """Whatever is still held back once generation ends."""
+        """Whatever is still held back once generation ends, less a character cut off mid-way."""
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return full[len(prefix) :] if len(full) > len(prefix) else ""
+        return full[len(prefix) :].rstrip("\ufffd") if len(full) > len(prefix) else ""
 
 
 class StopMatcher:

@@ -38,3 +38,11 @@ def test_earliest_stop_wins_and_no_stops_pass_through() -> None:
     m = StopMatcher(["b", "a"])
     assert m.feed("xxabc") == ("xx", True)
     assert StopMatcher([]).feed("anything") == ("anything", False)
+
+
+def test_a_character_cut_off_by_the_token_limit_is_dropped(smol) -> None:
+    tok = smol.tokenizer
+    ids = tok("ab 🐉", add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tok, [])
+    pieces = [detok.push(i) for i in ids[:-1]] + [detok.flush()]  # the dragon's last byte never comes
+    assert "".join(pieces) == "ab " or "".join(pieces) == "ab"

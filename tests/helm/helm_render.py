@@ -102,9 +102,7 @@ def validate_values(values: dict[str, Any] | None) -> None:
 
 def lint(values: dict[str, Any] | None = None) -> dict[str, Any]:
     """`helm lint --strict --kube-version 1.30`; returns the SDK's report."""
-    return helm_python.lint(
-        CHART_DIR, values, strict=True, namespace=NAMESPACE, kube_version=KUBE_VERSION
-    )
+    return helm_python.lint(CHART_DIR, values, strict=True, namespace=NAMESPACE, kube_version=KUBE_VERSION)
 
 
 # "default" is values.yaml alone; the rest are the chart's ci/ values files.

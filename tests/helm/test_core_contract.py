@@ -6,10 +6,10 @@ import json
 import re
 
 import pytest
-from tests.helm.helm_render import CHART_DIR, VARIANTS, render, rendered_variant
 
 from core_server.app import create_app
 from core_server.metrics import CoreMetrics
+from tests.helm.helm_render import CHART_DIR, VARIANTS, render, rendered_variant
 from veil.settings import Settings, load_settings
 
 # Settings the chart sets ahead of the core reading them (later issues).

@@ -114,7 +114,16 @@ def test_dockerignore_keeps_weights_keys_and_state_out_of_the_context() -> None:
         for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    for needed in [".git", ".venv", "**/*.safetensors", "**/*.gguf", "**/*.key", "**/*.pem", "**/.env", ".veil"]:
+    for needed in [
+        ".git",
+        ".venv",
+        "**/*.safetensors",
+        "**/*.gguf",
+        "**/*.key",
+        "**/*.pem",
+        "**/.env",
+        ".veil",
+    ]:
         assert needed in patterns, needed
     for kept in ["README.md", "pyproject.toml", "docker", "veil", "core_server"]:
         assert kept not in patterns, kept
@@ -140,7 +149,9 @@ def test_healthcheck_script_reports_ready_and_not_ready(tmp_path: Path) -> None:
         env = {"VEIL_CORE_PORT": str(server.server_address[1]), "PATH": "/usr/bin:/bin"}
 
         def run(*args: str) -> int:
-            return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True).returncode
+            return subprocess.run(
+                [sys.executable, str(script), *args], env=env, capture_output=True
+            ).returncode
 
         assert run("/readyz") == 0
         assert run("/loading") == 1

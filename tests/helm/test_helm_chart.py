@@ -9,6 +9,7 @@ import helm_python
 import jsonschema
 import kubernetes_validate
 import pytest
+
 from tests.helm.helm_render import (
     CHART_DIR,
     KUBE_VERSION,
@@ -129,7 +130,11 @@ def test_default_values_pass_the_schema() -> None:
         ({"gpu": {"count": 0}}, "/gpu/count", "minimum"),
         ({"core": {"extraSettings": {"VEIL_BUNDLE_PASSPHRASE": "hunter2"}}}, "VEIL_BUNDLE_PASSPHRASE", ""),
         ({"securityContext": {"runAsNonRoot": False}}, "/securityContext/runAsNonRoot", "true"),
-        ({"securityContext": {"readOnlyRootFilesystem": False}}, "/securityContext/readOnlyRootFilesystem", ""),
+        (
+            {"securityContext": {"readOnlyRootFilesystem": False}},
+            "/securityContext/readOnlyRootFilesystem",
+            "",
+        ),
         ({"bundle": {"source": "url"}}, "/bundle/url/baseUrl", "minLength"),
         ({"bundle": {"source": "ftp"}}, "/bundle/source", "must be one of"),
         ({"locker": {"external": {"url": "redis://:pw@redis:6379"}}}, "/locker/external/url", "pattern"),
@@ -156,7 +161,10 @@ def test_negative_replicas_fail_install_render_and_lint() -> None:
     [
         ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "must not exceed"),
         ({"gpu": {"enabled": False}}, 'core.device is "cuda" but gpu.enabled is false'),
-        ({"locker": {"enabled": True, "external": {"url": "redis://r:6379", "existingSecret": "s"}}}, "not both"),
+        (
+            {"locker": {"enabled": True, "external": {"url": "redis://r:6379", "existingSecret": "s"}}},
+            "not both",
+        ),
         ({"locker": {"external": {"url": "redis://r:6379"}}}, "locker.external.existingSecret"),
         (
             {"identity": {"existingSecret": "k", "privateKey": "-----BEGIN PRIVATE KEY-----\nx\n"}},

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     load_pem_private_key,
 )
+
 from tests.helm.helm_render import (
     CHART_DIR,
     NAMESPACE,
@@ -36,7 +37,9 @@ CORE_METRICS = {
     "veil_core_queued_steps", "veil_core_active_sessions", "veil_core_step_seconds",
     "veil_core_tokens_total", "veil_core_batch_tokens", "veil_core_errors_total",
 }  # fmt: skip
-SECRET_NAME = re.compile(r"(PASSWORD|PASSPHRASE|SECRET|TOKEN|_KEY)$", re.I)  # names of values, not of *_FILE paths
+SECRET_NAME = re.compile(
+    r"(PASSWORD|PASSPHRASE|SECRET|TOKEN|_KEY)$", re.I
+)  # names of values, not of *_FILE paths
 
 
 def core_deployment(rendered: Rendered) -> dict[str, Any]:
@@ -185,9 +188,7 @@ def test_generated_identity_key_is_a_fresh_x25519_pem_in_a_kept_secret() -> None
 
 def test_supplied_or_existing_identity_key_is_used() -> None:
     pem = (
-        X25519PrivateKey.generate()
-        .private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-        .decode()
+        X25519PrivateKey.generate().private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
     )
     secret = render({"identity": {"privateKey": pem}}).one("Secret")
     assert base64.b64decode(secret["data"]["identity.key"]).decode() == pem
@@ -239,7 +240,10 @@ def test_locker_is_an_ephemeral_password_protected_redis() -> None:
     secret_name = env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"]
     password_secret = rendered.one("Secret", secret_name)
     assert len(base64.b64decode(password_secret["data"]["redis-password"])) >= 32
-    assert {s["metadata"]["name"] for s in rendered.all("Service")} >= {"veil-core-locker", "veil-core-locker-headless"}
+    assert {s["metadata"]["name"] for s in rendered.all("Service")} >= {
+        "veil-core-locker",
+        "veil-core-locker-headless",
+    }
     settings = core_settings(rendered)
     assert settings["VEIL_LOCKER_REDIS_URL"] == f"redis://veil-core-locker.{NAMESPACE}.svc:6379/0"
     volumes = {v["name"]: v for v in pod_spec(core_deployment(rendered))["volumes"]}
@@ -277,7 +281,11 @@ def test_bundle_sources(variant: str, rendered: Rendered) -> None:
 
 
 def test_grafana_dashboard_is_off_by_default_and_charts_core_metrics() -> None:
-    assert not [c for c in rendered_variant("default").all("ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    assert not [
+        c
+        for c in rendered_variant("default").all("ConfigMap")
+        if c["metadata"]["name"].endswith("-dashboard")
+    ]
     cm = rendered_variant("locker").one("ConfigMap", "veil-core-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     dashboard = json.loads(cm["data"]["veil-core.json"])
