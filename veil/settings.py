@@ -141,9 +141,16 @@ def _apply(obj: Any, values: Mapping[str, Any], where: str) -> None:
         setattr(obj, key, value)
 
 
+# Short names the deployment docs use; the canonical VEIL_<SECTION>_<FIELD> name wins if both are set.
+ENV_ALIASES = {"VEIL_CORE_URL": ("edge", "core_url")}
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """Map VEIL_EDGE_PORT=9000 to {"edge": {"port": "9000"}} for every known field."""
     out: dict[str, Any] = {}
+    for alias, (section, field) in ENV_ALIASES.items():
+        if alias in environ:
+            out.setdefault(section, {})[field] = environ[alias]
     for name, kind in _section_types(Settings).items():
         if dataclasses.is_dataclass(kind):
             for field in _section_types(kind):

