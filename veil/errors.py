@@ -12,6 +12,7 @@ VeilError (500 server_error)
 ├── Unprocessable (422)         well-formed but unusable content
 ├── RateLimited (429)           a rate or capacity limit; retry later
 ├── BundleError                 a bundle is missing, tampered or mismatched
+├── PolicyStoreError            the policy store is missing, tampered, rolled back or locked
 └── ServiceUnavailable (503)    the core is unreachable or not ready
 """
 
@@ -118,6 +119,12 @@ class BundleError(VeilError):
     """Raised when a bundle is missing, tampered with, or does not match its peer."""
 
     code = "bundle_error"
+
+
+class PolicyStoreError(VeilError):
+    """Raised when the encrypted policy store cannot be opened, verified or written."""
+
+    code = "policy_store_error"
 
 
 class ServiceUnavailable(VeilError):

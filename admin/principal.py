@@ -1,0 +1,26 @@
+"""Who is calling, once authenticated: the value every later stage (scopes, limits, audit) reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class Scope(str, enum.Enum):
+    GENERATE = "generate"  # chat completions
+    READ = "read"  # models, own usage
+    ADMIN = "admin"  # the admin API
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller. `key_id` is safe to log and to label metrics with; no secret is held."""
+
+    key_id: str  # API key id, "jwt:<subject>", or "local" when auth is off
+    scopes: frozenset[str]
+    rpm: int | None = None  # requests per minute; None = unlimited
+    tpm: int | None = None  # tokens per minute; None = unlimited
+    kind: str = "api_key"  # api_key | jwt | local
+
+    def has(self, scope: Scope) -> bool:
+        return scope.value in self.scopes
