@@ -61,8 +61,8 @@ def test_batched_sessions_equal_separate_runs(tiny_bundles, key_file: Path) -> N
     _run(stack, ta, xa[:8], 0)
     # one forward holding a decode step of one session and a prefill of another
     both = stack.forward(torch.cat([xa[8:], xb]), [Segment(ta, 8, 0, 1), Segment(tb, 0, 1, 5)])
-    assert torch.allclose(both[:1], alone_a[8:], atol=1e-5)
-    assert torch.allclose(both[1:], alone_b, atol=1e-5)
+    assert torch.allclose(both[:1], alone_a[8:], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(both[1:], alone_b, atol=1e-4, rtol=1e-4)
 
 
 def test_rolling_back_an_offset_recomputes_from_there(tiny_bundles, key_file: Path) -> None:
@@ -72,4 +72,4 @@ def test_rolling_back_an_offset_recomputes_from_there(tiny_bundles, key_file: Pa
     first = _run(stack, sess, x, 0)
     _run(stack, sess, torch.randn(2, 64), 6)  # speculative tokens, then rejected
     again = _run(stack, sess, x[4:], 4)
-    assert torch.allclose(again, first[4:], atol=1e-5)
+    assert torch.allclose(again, first[4:], atol=1e-4, rtol=1e-4)
