@@ -8,11 +8,17 @@ import secrets
 import time
 from typing import Any, AsyncIterator
 
+import anyio
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.response import Stream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from admin.api import admin_router, me_route
+from admin.auth import require
+from admin.plane import PolicyPlane, build_plane
+from admin.principal import Principal, Scope
+from admin.ratelimit import RateDecision, rate_limit_headers
 from edge_proxy.chat_template import render_prompt
 from edge_proxy.core_client import CoreTransport, HttpCoreTransport
 from edge_proxy.edge_model import EdgeModel
@@ -20,7 +26,7 @@ from edge_proxy.generate import Completion, Engine
 from edge_proxy.metrics import EdgeMetrics
 from edge_proxy import openai_shapes as shapes
 from edge_proxy.schemas import parse_chat_request
-from veil.errors import NotFound, ServiceUnavailable, VeilError
+from veil.errors import AuthenticationFailed, NotFound, PolicyViolation, RateLimited, ServiceUnavailable, VeilError
 from veil.http import EXCEPTION_HANDLERS
 from veil.settings import Settings
 
@@ -35,6 +41,11 @@ class EdgeState(State):
     engine: Engine | None
     metrics: EdgeMetrics
     core_verified: bool
+    plane: PolicyPlane
+    # the admin API reads these three straight off the state
+    auth: Any
+    policy: Any
+    audit: Any
 
 
 async def _verify_core(state: EdgeState) -> Engine:
@@ -57,17 +68,38 @@ def _model_object(state: EdgeState) -> dict[str, Any]:
 
 
 def _request_id(request: Request) -> str:
-    rid = request.headers.get("x-request-id", "")
-    return rid if _RID.match(rid) else secrets.token_hex(8)
+    rid = request.scope.get("state", {}).get("request_id")
+    if rid is None:
+        rid = request.headers.get("x-request-id", "")
+        rid = rid if _RID.match(rid) else secrets.token_hex(8)
+        request.scope.setdefault("state", {})["request_id"] = rid
+    return rid
+
+
+async def _principal(request: Request, state: EdgeState, scope: Scope) -> Principal:
+    """Authenticate and check the scope; failures are counted and audited by reason, never by secret."""
+    try:
+        principal = await state.plane.auth.authenticate(request.headers)
+    except AuthenticationFailed as exc:
+        state.metrics.auth_failures.labels(reason=str(exc.code)).inc()
+        if state.plane.audit is not None:
+            state.plane.audit.record("auth.failure", request_id=_request_id(request), reason=str(exc.code),
+                                     path=request.url.path)
+        exc.headers["www-authenticate"] = "Bearer"
+        raise
+    require(principal, scope)
+    return principal
 
 
 @get("/v1/models")
-async def list_models(state: EdgeState) -> dict[str, Any]:
+async def list_models(request: Request, state: EdgeState) -> dict[str, Any]:
+    await _principal(request, state, Scope.READ)
     return {"object": "list", "data": [_model_object(state)]}
 
 
 @get("/v1/models/{model_id:str}")
-async def get_model(model_id: str, state: EdgeState) -> dict[str, Any]:
+async def get_model(request: Request, model_id: str, state: EdgeState) -> dict[str, Any]:
+    await _principal(request, state, Scope.READ)
     if model_id != state.settings.model.name:
         raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
     return _model_object(state)
@@ -77,17 +109,27 @@ async def get_model(model_id: str, state: EdgeState) -> dict[str, Any]:
 async def chat_completions(request: Request[Any, Any, EdgeState], state: EdgeState) -> Response[Any]:
     started = time.perf_counter()
     rid = _request_id(request)
+    principal = await _principal(request, state, Scope.GENERATE)
     chat = parse_chat_request(await request.body(), state.model.vocab_size)
     if chat.model != state.settings.model.name:
         raise NotFound(f"The model '{chat.model}' does not exist", param="model", code="model_not_found")
     engine = await _verify_core(state)
     prompt_ids = render_prompt(state.model.tokenizer, chat.messages)
+    max_new = engine.budget(len(prompt_ids), chat.max_tokens)
+    decision = await _admit(state, principal, len(prompt_ids) + max_new, rid)
+    try:
+        prompt_ids = _apply_guardrails(state, principal, chat.messages, prompt_ids, rid)
+    except PolicyViolation:
+        await state.plane.limiter.settle(principal.key_id, request_id=rid, actual_tokens=0)
+        raise
     done = Completion(prompt_tokens=len(prompt_ids), max_new_tokens=engine.budget(len(prompt_ids), chat.max_tokens))
     ids = shapes.ChatIds(f"chatcmpl-{secrets.token_hex(12)}", chat.model, f"fp_veil_{state.model.spec.bundle_id[:8]}")
-    deltas = engine.run(prompt_ids, chat.sampling, chat.stop, done, rid)
-    headers = {"x-request-id": rid}
+    deltas = _gated(state, principal, engine.run(prompt_ids, chat.sampling, chat.stop, done, rid), done, rid)
+    headers = {"x-request-id": rid, **rate_limit_headers(decision)}
 
-    def finished(status: str) -> None:
+    async def finished(status: str) -> None:
+        await state.plane.limiter.settle(principal.key_id, request_id=rid,
+                                         actual_tokens=done.prompt_tokens + done.completion_tokens)
         m = state.metrics
         m.requests.labels(status=status).inc()
         m.prompt_tokens.inc(done.prompt_tokens)
@@ -104,16 +146,16 @@ async def chat_completions(request: Request[Any, Any, EdgeState], state: EdgeSta
         try:
             text = "".join([piece async for piece in deltas])
         except VeilError as exc:
-            finished(str(exc.status_code))
+            await finished(str(exc.status_code))
             raise
-        finished("200")
+        await finished("200")
         return Response(shapes.completion_object(ids, text, done), headers=headers)
 
     # Run the prefill before answering 200, so a dead core is a 503 rather than a broken stream.
     try:
         first = await anext(deltas, None)
     except VeilError as exc:
-        finished(str(exc.status_code))
+        await finished(str(exc.status_code))
         raise
 
     async def events() -> AsyncIterator[bytes]:
@@ -134,12 +176,72 @@ async def chat_completions(request: Request[Any, Any, EdgeState], state: EdgeSta
             status = "disconnected"  # client went away (cancellation) or the server is stopping
             raise
         finally:
-            await deltas.aclose()
-            finished(status)
+            with anyio.CancelScope(shield=True):
+                await deltas.aclose()
+                await finished(status)
         yield shapes.DONE
 
     return Stream(events(), media_type="text/event-stream",
                   headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+async def _admit(state: EdgeState, principal: Principal, tokens: int, rid: str) -> RateDecision:
+    """Reserve a request and its worst-case tokens against the key's per-minute limits (429 if over)."""
+    decision = await state.plane.limiter.acquire(principal.key_id, rpm=principal.rpm, tpm=principal.tpm,
+                                                 tokens=tokens, request_id=rid)
+    if decision.allowed:
+        return decision
+    which = "requests" if decision.remaining_requests == 0 else "tokens"
+    state.metrics.rate_limited.labels(key_id=principal.key_id, limit=which).inc()
+    if state.plane.audit is not None:
+        state.plane.audit.record("ratelimit.reject", actor=principal.key_id, request_id=rid, limit=which)
+    raise RateLimited(f"rate limit reached for {which} per minute on key {principal.key_id}; "
+                      f"retry after {decision.retry_after_s:.1f}s", code="rate_limit_exceeded",
+                      headers=rate_limit_headers(decision))
+
+
+def _blocked(state: EdgeState, principal: Principal, rule_id: str, rid: str, where: str) -> None:
+    state.metrics.policy_blocks.labels(key_id=principal.key_id, rule=rule_id).inc()
+    if state.plane.audit is not None:
+        state.plane.audit.record("policy.block", actor=principal.key_id, request_id=rid, rule_id=rule_id,
+                                 where=where)
+
+
+def _apply_guardrails(state: EdgeState, principal: Principal, messages: list[dict[str, str]],
+                      prompt_ids: list[int], rid: str) -> list[int]:
+    """Block or redact before anything reaches the core; re-render only when something was redacted."""
+    try:
+        redacted_messages, fired = state.plane.policy.guardrails().check_prompt(messages)
+    except PolicyViolation as exc:
+        _blocked(state, principal, exc.rule_id, rid, "prompt")
+        raise
+    if not fired:
+        return prompt_ids
+    if state.plane.audit is not None:
+        state.plane.audit.record("policy.redact", actor=principal.key_id, request_id=rid, rules=",".join(fired))
+    return render_prompt(state.model.tokenizer, redacted_messages)
+
+
+async def _gated(state: EdgeState, principal: Principal, deltas: AsyncIterator[str], done: Completion,
+                 rid: str) -> AsyncIterator[str]:
+    """Output guardrails: hold back what a rule could still match; a block ends with `content_filter`."""
+    gate = state.plane.policy.guardrails().output_gate()
+    try:
+        async for piece in deltas:
+            if gate is None:
+                yield piece
+                continue
+            text, rule = gate.feed(piece)
+            if text:
+                yield text
+            if rule is not None:
+                done.finish_reason = "content_filter"
+                _blocked(state, principal, rule, rid, "output")
+                return
+        if gate is not None and (tail := gate.flush()):
+            yield tail
+    finally:
+        await deltas.aclose()  # type: ignore[attr-defined]
 
 
 @get("/healthz")
@@ -158,12 +260,15 @@ async def metrics(state: EdgeState) -> Response[bytes]:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None = None) -> Litestar:
+def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None = None,
+               plane: PolicyPlane | None = None) -> Litestar:
     """The edge app; `core` defaults to pooled HTTP to `edge.core_url` (tests may pass another transport)."""
     transport = core or HttpCoreTransport(settings.edge.core_url, settings.edge.core_timeout_seconds,
                                           settings.edge.core_connections)
+    plane = plane or build_plane(settings)
     state = EdgeState({"settings": settings, "model": model, "core": transport, "engine": None,
-                       "metrics": EdgeMetrics(), "core_verified": False})
+                       "metrics": EdgeMetrics(), "core_verified": False, "plane": plane,
+                       "auth": plane.auth, "policy": plane.policy, "audit": plane.audit})
 
     async def on_startup(app: Litestar) -> None:
         try:
@@ -173,9 +278,10 @@ def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None 
 
     async def on_shutdown(app: Litestar) -> None:
         await transport.aclose()
+        await plane.aclose()
 
     return Litestar(
-        route_handlers=[list_models, get_model, chat_completions, healthz, readyz, metrics],
+        route_handlers=[list_models, get_model, chat_completions, healthz, readyz, metrics, admin_router, me_route],
         state=state,
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],

@@ -19,5 +19,11 @@ class EdgeMetrics:
                                         registry=r, buckets=_FAST)
         self.core_compute = Histogram("veil_edge_core_compute_seconds", "Core compute time reported per step",
                                       registry=r, buckets=_FAST)
+        self.auth_failures = Counter("veil_edge_auth_failures_total", "Rejected credentials by reason",
+                                     ["reason"], registry=r)
+        self.rate_limited = Counter("veil_edge_rate_limited_total", "429s by key id and limit",
+                                    ["key_id", "limit"], registry=r)
+        self.policy_blocks = Counter("veil_edge_policy_blocks_total", "Guardrail blocks by key id and rule",
+                                     ["key_id", "rule"], registry=r)
         self.head = Histogram("veil_edge_head_seconds", "Final norm, LM head and sampling per token",
                               registry=r, buckets=_FAST)

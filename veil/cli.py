@@ -66,12 +66,25 @@ def cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
     from edge_proxy.app import create_app
     from edge_proxy.edge_model import EdgeModel
 
+    from admin.plane import build_plane
+
     if settings.edge.threads > 0:
         torch.set_num_threads(settings.edge.threads)
+    plane = build_plane(settings)  # refuses a bad policy store before any weights load
+    if plane.bootstrap_secret:
+        # Shown once on the console, never logged: the only copy of the first admin key.
+        print(f"\n  Bootstrap admin key (shown once; store it, then use it as VEIL_ADMIN_KEY):\n"
+              f"  {plane.bootstrap_secret}\n", flush=True)
     model = EdgeModel.load(settings.edge_bundle_dir(), key_source(settings))
-    uvicorn.run(create_app(settings, model), host=settings.edge.host, port=settings.edge.port,
+    uvicorn.run(create_app(settings, model, plane=plane), host=settings.edge.host, port=settings.edge.port,
                 log_config=None, access_log=False, timeout_graceful_shutdown=5)
     return 0
+
+
+def cmd_admin(settings: Settings, args: argparse.Namespace) -> int:
+    from admin.cli import run
+
+    return run(settings, args)
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -137,10 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--edge-out", help="edge bundle directory")
     cl.add_argument("--core-out", help="core bundle directory")
     cl.add_argument("--force", action="store_true", help="replace existing bundles")
+    try:
+        from admin.cli import add_parser
+    except ImportError:  # the core image ships without the admin plane
+        return parser
+    add_parser(sub)
     return parser
 
 
-COMMANDS = {"up": cmd_up, "core": cmd_core, "edge": cmd_edge, "cloak": cmd_cloak}
+COMMANDS = {"up": cmd_up, "core": cmd_core, "edge": cmd_edge, "cloak": cmd_cloak, "admin": cmd_admin}
 
 
 def main(argv: list[str] | None = None) -> int:

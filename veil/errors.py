@@ -3,7 +3,8 @@
 VeilError (500 server_error)
 ├── ConfigError                 bad settings at start-up (never reaches HTTP)
 ├── InvalidRequest (400)        the request is malformed or out of range
-│   └── ContextLengthExceeded   prompt + max tokens exceed a named limit
+│   ├── ContextLengthExceeded   prompt + max tokens exceed a named limit
+│   └── PolicyViolation         a guardrail rule blocked the request (names the rule id only)
 ├── AuthenticationFailed (401)  missing or wrong credential
 ├── PermissionDenied (403)      valid credential without the needed scope
 ├── NotFound (404)              unknown model, route or session
@@ -28,12 +29,14 @@ class VeilError(Exception):
     error_type = "server_error"
     code: str | None = "internal_error"
 
-    def __init__(self, message: str, *, code: str | None = None, param: str | None = None):
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         self.param = param
+        self.headers = headers or {}
 
     def to_openai(self) -> dict[str, Any]:
         return error_body(self.message, self.error_type, self.code, self.param)
@@ -57,6 +60,16 @@ class ContextLengthExceeded(InvalidRequest):
     """Raised when prompt plus requested tokens exceed the context or session limit."""
 
     code = "context_length_exceeded"
+
+
+class PolicyViolation(InvalidRequest):
+    """Raised when a guardrail blocks a request; the message names the rule, never the matched text."""
+
+    code = "policy_violation"
+
+    def __init__(self, rule_id: str):
+        super().__init__(f"the request was blocked by guardrail rule '{rule_id}'", param="messages")
+        self.rule_id = rule_id
 
 
 class AuthenticationFailed(VeilError):

@@ -21,14 +21,18 @@ def json_error(exc: VeilError, headers: dict[str, str] | None = None) -> Respons
 def _veil_handler(request: Request, exc: VeilError) -> Response[Any]:
     if exc.status_code >= 500:
         log.warning("request failed path=%s status=%d code=%s", request.url.path, exc.status_code, exc.code)
-    return json_error(exc)
+    return json_error(exc, exc.headers)
 
 
 def _http_handler(request: Request, exc: HTTPException) -> Response[Any]:
     # Litestar's own errors (unknown route, wrong method, body too large); its detail is generic text.
-    detail = exc.detail if exc.status_code in (404, 405, 413) else "the request could not be processed"
+    detail = exc.detail if exc.status_code in (400, 404, 405, 413) else "the request could not be processed"
     if exc.status_code == 404:
         detail = f"unknown route {request.method} {request.url.path}"
+    elif exc.status_code == 400 and isinstance(exc.extra, list):
+        # Litestar's body validation: field paths and reasons (msgspec's messages carry no values)
+        problems = [f"{e.get('message')} at {e.get('key')}" for e in exc.extra if isinstance(e, dict)]
+        detail = f"{detail}: {'; '.join(problems)}" if problems else detail
     err = from_status(exc.status_code, str(detail))
     return Response(content=err.to_openai(), status_code=exc.status_code, media_type="application/json")
 

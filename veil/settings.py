@@ -64,6 +64,37 @@ class CoreSettings:
 
 
 @dataclasses.dataclass(slots=True)
+class AuthSettings:
+    enabled: bool = False  # off only for a single local user on loopback
+    admin_key: str = ""  # bootstrap admin key (VEIL_ADMIN_KEY); also the credential `veil admin` sends
+    allow_unauthenticated_public: bool = False  # force auth off on a non-loopback address
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_jwks_url: str = ""
+    jwt_public_key_file: str = ""
+    jwt_default_rpm: int = 0  # 0 = unlimited
+    jwt_default_tpm: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class PolicySettings:
+    store: str = ""  # encrypted policy store file (VEIL_POLICY_STORE); empty = <home>/policy.store
+    passphrase: str = ""  # unlocks the store (VEIL_POLICY_PASSPHRASE); set it in the environment only
+    audit_log: str = ""  # empty = <home>/audit.log
+
+
+@dataclasses.dataclass(slots=True)
+class RedisSettings:
+    url: str = ""  # VEIL_REDIS_URL; empty = in-process rate limiter (single edge)
+    fail_open: bool = False  # when Redis is unreachable: admit (true) or answer 503 (false)
+
+
+@dataclasses.dataclass(slots=True)
+class AdminClientSettings:
+    edge_url: str = "http://127.0.0.1:8000"  # where `veil admin` sends its requests (VEIL_EDGE_URL)
+
+
+@dataclasses.dataclass(slots=True)
 class LogSettings:
     level: str = "info"
 
@@ -75,6 +106,10 @@ class Settings:
     bundle: BundleSettings = dataclasses.field(default_factory=BundleSettings)
     edge: EdgeSettings = dataclasses.field(default_factory=EdgeSettings)
     core: CoreSettings = dataclasses.field(default_factory=CoreSettings)
+    auth: AuthSettings = dataclasses.field(default_factory=AuthSettings)
+    policy: PolicySettings = dataclasses.field(default_factory=PolicySettings)
+    redis: RedisSettings = dataclasses.field(default_factory=RedisSettings)
+    admin: AdminClientSettings = dataclasses.field(default_factory=AdminClientSettings)
     log: LogSettings = dataclasses.field(default_factory=LogSettings)
 
     def __post_init__(self) -> None:
@@ -97,6 +132,12 @@ class Settings:
         if self.core.bundle:
             return Path(self.core.bundle)
         return Path(self.bundle.core_dir) if self.bundle.core_dir else self.model_home() / "core"
+
+    def policy_store_path(self) -> Path:
+        return Path(self.policy.store) if self.policy.store else Path(self.home) / "policy.store"
+
+    def audit_log_path(self) -> Path:
+        return Path(self.policy.audit_log) if self.policy.audit_log else Path(self.home) / "audit.log"
 
     def key_file_path(self) -> Path:
         return Path(self.bundle.key_file) if self.bundle.key_file else Path(self.home) / "bundle.key"
@@ -142,7 +183,13 @@ def _apply(obj: Any, values: Mapping[str, Any], where: str) -> None:
 
 
 # Short names the deployment docs use; the canonical VEIL_<SECTION>_<FIELD> name wins if both are set.
-ENV_ALIASES = {"VEIL_CORE_URL": ("edge", "core_url")}
+ENV_ALIASES = {
+    "VEIL_CORE_URL": ("edge", "core_url"),
+    "VEIL_ADMIN_KEY": ("auth", "admin_key"),
+    "VEIL_POLICY_STORE": ("policy", "store"),
+    "VEIL_REDIS_URL": ("redis", "url"),
+    "VEIL_EDGE_URL": ("admin", "edge_url"),
+}
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -1,0 +1,188 @@
+"""The admin REST API (`/admin/v1/...`, scope `admin`) and `/v1/me` (scope `read`).
+
+Every change is written to the audit log with who made it; no response carries a key hash,
+and a new secret is returned once, by the call that created it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Protocol
+
+from litestar import Request, Router, delete, get, patch, post
+from litestar.params import Parameter
+
+from admin.audit import AuditLog
+from admin.auth import Authenticator, require
+from admin.policy import PolicyService
+from admin.principal import Principal, Scope
+from veil.errors import InvalidRequest, ServiceUnavailable
+
+
+class AdminState(Protocol):
+    auth: Authenticator
+    policy: PolicyService
+    audit: AuditLog | None
+
+
+@dataclasses.dataclass
+class KeyCreate:
+    name: str
+    scopes: list[str]
+    rpm: int | None = None
+    tpm: int | None = None
+    expires_at: float | None = None  # unix time; or
+    expires_in_s: int | None = None  # seconds from now
+
+
+@dataclasses.dataclass
+class LimitsUpdate:
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+@dataclasses.dataclass
+class GuardrailCreate:
+    id: str
+    action: str
+    pattern: str = ""
+    terms: list[str] = dataclasses.field(default_factory=list)
+    applies_to: list[str] = dataclasses.field(default_factory=lambda: ["prompt"])
+    description: str = ""
+
+
+def _rid(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
+
+
+async def _caller(request: Request, scope: Scope) -> Principal:
+    state: AdminState = request.app.state  # type: ignore[assignment]
+    principal = await state.auth.authenticate(request.headers)
+    require(principal, scope)
+    return principal
+
+
+def _audit(request: Request, event: str, actor: Principal, **fields: Any) -> None:
+    audit = request.app.state.audit
+    if audit is not None:
+        audit.record(event, actor=actor.key_id, request_id=_rid(request), **fields)
+
+
+@post("/keys", status_code=201, summary="Create an API key; the secret is shown once")
+async def create_key(request: Request, data: KeyCreate) -> dict[str, Any]:
+    who = await _caller(request, Scope.ADMIN)
+    expires_at = data.expires_at
+    if data.expires_in_s is not None:
+        if data.expires_in_s < 1:
+            raise InvalidRequest("expires_in_s must be positive", param="expires_in_s")
+        expires_at = time.time() + data.expires_in_s
+    record, secret = request.app.state.policy.create_key(data.name, data.scopes, data.rpm, data.tpm, expires_at)
+    _audit(request, "key.create", who, key_id=record["id"], scopes=",".join(record["scopes"]))
+    return {"key": record, "secret": secret}
+
+
+@get("/keys", summary="List API keys (no secrets, no hashes)")
+async def list_keys(request: Request) -> dict[str, Any]:
+    await _caller(request, Scope.ADMIN)
+    return {"object": "list", "data": request.app.state.policy.list_keys()}
+
+
+@get("/keys/{key_id:str}", summary="Show one API key")
+async def get_key(request: Request, key_id: str) -> dict[str, Any]:
+    await _caller(request, Scope.ADMIN)
+    return request.app.state.policy.get_key(key_id)
+
+
+@post("/keys/{key_id:str}/revoke", status_code=200, summary="Revoke a key at once, on every replica")
+async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
+    who = await _caller(request, Scope.ADMIN)
+    record = request.app.state.policy.revoke_key(key_id)
+    _audit(request, "key.revoke", who, key_id=key_id)
+    return record
+
+
+@post("/keys/{key_id:str}/rotate", status_code=200, summary="Replace a key's secret; the old one stops working")
+async def rotate_key(request: Request, key_id: str) -> dict[str, Any]:
+    who = await _caller(request, Scope.ADMIN)
+    record, secret = request.app.state.policy.rotate_key(key_id)
+    _audit(request, "key.rotate", who, key_id=key_id)
+    return {"key": record, "secret": secret}
+
+
+@patch("/keys/{key_id:str}/limits", summary="Set a key's requests and tokens per minute (null = unlimited)")
+async def set_limits(request: Request, key_id: str, data: LimitsUpdate) -> dict[str, Any]:
+    who = await _caller(request, Scope.ADMIN)
+    record = request.app.state.policy.set_limits(key_id, data.rpm, data.tpm)
+    _audit(request, "key.limits", who, key_id=key_id, rpm=data.rpm, tpm=data.tpm)
+    return record
+
+
+@get("/guardrails", summary="List guardrail rules")
+async def list_guardrails(request: Request) -> dict[str, Any]:
+    await _caller(request, Scope.ADMIN)
+    return {"object": "list", "data": request.app.state.policy.list_guardrails()}
+
+
+@post("/guardrails", status_code=201, summary="Add a guardrail rule (block or redact; prompt and/or output)")
+async def add_guardrail(request: Request, data: GuardrailCreate) -> dict[str, Any]:
+    who = await _caller(request, Scope.ADMIN)
+    rule = request.app.state.policy.add_guardrail(dataclasses.asdict(data))
+    _audit(request, "guardrail.add", who, rule_id=rule["id"], action=rule["action"])
+    return rule
+
+
+@delete("/guardrails/{rule_id:str}", status_code=204, summary="Remove a guardrail rule")
+async def remove_guardrail(request: Request, rule_id: str) -> None:
+    who = await _caller(request, Scope.ADMIN)
+    request.app.state.policy.remove_guardrail(rule_id)
+    _audit(request, "guardrail.remove", who, rule_id=rule_id)
+
+
+def _audit_log(request: Request) -> AuditLog:
+    audit = request.app.state.audit
+    if audit is None:
+        raise ServiceUnavailable("no audit log is configured on this edge", code="audit_disabled")
+    return audit
+
+
+@get("/audit", summary="The last audit lines")
+async def audit_tail(request: Request, n: int = Parameter(default=20, ge=1, le=1000)) -> dict[str, Any]:
+    await _caller(request, Scope.ADMIN)
+    return {"object": "list", "data": _audit_log(request).tail(n)}
+
+
+@get("/audit/verify", summary="Check the audit log's hash chain")
+async def audit_verify(request: Request) -> dict[str, Any]:
+    await _caller(request, Scope.ADMIN)
+    return dataclasses.asdict(_audit_log(request).verify())
+
+
+@get("/policy/export", summary="The whole policy (keys as hashes) for backup")
+async def policy_export(request: Request) -> dict[str, Any]:
+    who = await _caller(request, Scope.ADMIN)
+    _audit(request, "policy.export", who)
+    return request.app.state.policy.store.export_plain()
+
+
+@post("/policy/import", status_code=200, summary="Replace the policy with an export; a new version")
+async def policy_import(request: Request, data: dict[str, Any]) -> dict[str, Any]:
+    who = await _caller(request, Scope.ADMIN)
+    version = request.app.state.policy.store.import_plain(data)
+    _audit(request, "policy.import", who, version=version)
+    return {"version": version}
+
+
+@get("/v1/me", summary="The calling key's id, scopes and limits")
+async def whoami(request: Request) -> dict[str, Any]:
+    who = await _caller(request, Scope.READ)
+    return {"key_id": who.key_id, "kind": who.kind, "scopes": sorted(who.scopes), "rpm": who.rpm, "tpm": who.tpm}
+
+
+admin_router = Router(
+    path="/admin/v1",
+    route_handlers=[create_key, list_keys, get_key, revoke_key, rotate_key, set_limits, list_guardrails,
+                    add_guardrail, remove_guardrail, audit_tail, audit_verify, policy_export, policy_import],
+    tags=["admin"],
+)
+me_route = whoami

@@ -1,0 +1,163 @@
+"""`veil admin …`: the admin REST API from the command line (VEIL_EDGE_URL, VEIL_ADMIN_KEY)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from veil.errors import VeilError
+from veil.settings import Settings
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> int:
+    m = _DURATION.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError("use a number with s, m, h or d, e.g. 30d")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _limit(text: str) -> int | None:
+    return None if text in ("none", "unlimited", "0") else int(text)
+
+
+def add_parser(sub: Any) -> None:
+    admin = sub.add_parser("admin", help="manage keys, limits, guardrails, audit and policy of a running edge")
+    admin.add_argument("--json", action="store_true", help="machine-readable output")
+    groups = admin.add_subparsers(dest="admin_group", required=True)
+
+    keys = groups.add_parser("keys", help="API keys").add_subparsers(dest="admin_action", required=True)
+    create = keys.add_parser("create", help="create a key; its secret is printed once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--scopes", default="generate,read", help="comma list of generate, read, admin")
+    create.add_argument("--rpm", type=_limit, default=None, help="requests per minute")
+    create.add_argument("--tpm", type=_limit, default=None, help="tokens per minute")
+    create.add_argument("--expires-in", type=_duration, default=None, help="e.g. 90d")
+    keys.add_parser("list")
+    for name in ("show", "revoke", "rotate"):
+        keys.add_parser(name).add_argument("key_id")
+
+    limits = groups.add_parser("limits", help="rate limits").add_subparsers(dest="admin_action", required=True)
+    lset = limits.add_parser("set", help="set a key's limits ('none' = unlimited)")
+    lset.add_argument("key_id")
+    lset.add_argument("--rpm", type=_limit, default=None)
+    lset.add_argument("--tpm", type=_limit, default=None)
+
+    guard = groups.add_parser("guardrails", help="guardrail rules").add_subparsers(dest="admin_action", required=True)
+    gadd = guard.add_parser("add", help="add a rule")
+    gadd.add_argument("--id", default=None, help="rule id (default: generated)")
+    what = gadd.add_mutually_exclusive_group(required=True)
+    what.add_argument("--pattern", help="a regular expression")
+    what.add_argument("--terms", help="comma-separated blocklist terms")
+    gadd.add_argument("--action", choices=["block", "redact"], required=True)
+    gadd.add_argument("--applies-to", default="prompt", help="prompt, output or prompt,output")
+    gadd.add_argument("--description", default="")
+    guard.add_parser("list")
+    guard.add_parser("remove").add_argument("rule_id")
+
+    audit = groups.add_parser("audit", help="the audit log").add_subparsers(dest="admin_action", required=True)
+    audit.add_parser("tail").add_argument("-n", type=int, default=20)
+    audit.add_parser("verify")
+
+    policy = groups.add_parser("policy", help="backup and restore").add_subparsers(dest="admin_action", required=True)
+    policy.add_parser("export").add_argument("--out", help="file to write (default: stdout)")
+    policy.add_parser("import").add_argument("file")
+
+    groups.add_parser("whoami", help="the key in VEIL_ADMIN_KEY: id, scopes, limits")
+
+
+def _request(settings: Settings, method: str, path: str, body: Any = None) -> Any:
+    import httpx  # edge-side dependency; `veil admin` runs where the edge extras are installed
+
+    headers = {"authorization": f"Bearer {settings.auth.admin_key}"} if settings.auth.admin_key else {}
+    try:
+        r = httpx.request(method, settings.admin.edge_url.rstrip("/") + path, json=body, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        raise VeilError(f"cannot reach the edge at {settings.admin.edge_url}", code="edge_unreachable") from exc
+    if r.status_code >= 400:
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {r.status_code}"
+        raise VeilError(f"{message} (HTTP {r.status_code})", code="admin_request_failed")
+    return r.json() if r.content else None
+
+
+def _show_key(k: dict[str, Any]) -> str:
+    limits = f"rpm={k['rpm'] or '-'} tpm={k['tpm'] or '-'}"
+    state = "active" if k["active"] else ("revoked" if k["revoked_at"] else "expired")
+    return f"{k['id']}  {k['name']:<20} {','.join(k['scopes']):<22} {limits:<22} {state}"
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    g, a = args.admin_group, getattr(args, "admin_action", None)
+    call = lambda method, path, body=None: _request(settings, method, path, body)  # noqa: E731
+    if g == "keys" and a == "create":
+        body = {"name": args.name, "scopes": [s for s in args.scopes.split(",") if s], "rpm": args.rpm,
+                "tpm": args.tpm, "expires_in_s": args.expires_in}
+        out = call("POST", "/admin/v1/keys", body)
+        text = f"created {_show_key(out['key'])}\nsecret (shown once, store it now):\n{out['secret']}"
+    elif g == "keys" and a == "list":
+        out = call("GET", "/admin/v1/keys")
+        text = "\n".join(_show_key(k) for k in out["data"]) or "no keys"
+    elif g == "keys" and a == "show":
+        out = call("GET", f"/admin/v1/keys/{args.key_id}")
+        text = _show_key(out)
+    elif g == "keys" and a == "revoke":
+        out = call("POST", f"/admin/v1/keys/{args.key_id}/revoke")
+        text = f"revoked {_show_key(out)}"
+    elif g == "keys" and a == "rotate":
+        out = call("POST", f"/admin/v1/keys/{args.key_id}/rotate")
+        text = f"rotated {_show_key(out['key'])}\nnew secret (shown once):\n{out['secret']}"
+    elif g == "limits":
+        out = call("PATCH", f"/admin/v1/keys/{args.key_id}/limits", {"rpm": args.rpm, "tpm": args.tpm})
+        text = _show_key(out)
+    elif g == "guardrails" and a == "add":
+        import secrets
+
+        body = {"id": args.id or f"rule-{secrets.token_hex(3)}", "action": args.action,
+                "pattern": args.pattern or "", "terms": [t for t in (args.terms or "").split(",") if t],
+                "applies_to": [t for t in args.applies_to.split(",") if t], "description": args.description}
+        out = call("POST", "/admin/v1/guardrails", body)
+        text = f"added guardrail {out['id']} ({out['action']} on {','.join(out['applies_to'])})"
+    elif g == "guardrails" and a == "list":
+        out = call("GET", "/admin/v1/guardrails")
+        text = "\n".join(f"{r['id']}  {r['action']:<7} {','.join(r['applies_to']):<14} "
+                         f"{'pattern' if r['pattern'] else str(len(r['terms'])) + ' terms'}  {r['description']}"
+                         for r in out["data"]) or "no guardrails"
+    elif g == "guardrails" and a == "remove":
+        out = call("DELETE", f"/admin/v1/guardrails/{args.rule_id}")
+        text = f"removed guardrail {args.rule_id}"
+    elif g == "audit" and a == "tail":
+        out = call("GET", f"/admin/v1/audit?n={args.n}")
+        text = "\n".join(json.dumps(line, sort_keys=True) for line in out["data"])
+    elif g == "audit" and a == "verify":
+        out = call("GET", "/admin/v1/audit/verify")
+        text = f"audit log ok ({out['lines']} lines)" if out["ok"] else \
+            f"audit log BROKEN at line {out['bad_line']}: {out['reason']}"
+        if not args.json:
+            print(text)
+            return 0 if out["ok"] else 1
+    elif g == "policy" and a == "export":
+        out = call("GET", "/admin/v1/policy/export")
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+            text = f"exported policy version {out['version']} to {args.out}"
+        else:
+            text = json.dumps(out, indent=2)
+    elif g == "policy" and a == "import":
+        out = call("POST", "/admin/v1/policy/import", json.loads(Path(args.file).read_text()))
+        text = f"imported; policy is now version {out['version']}"
+    else:  # whoami
+        out = call("GET", "/v1/me")
+        text = f"{out['key_id']} ({out['kind']}) scopes={','.join(out['scopes'])} rpm={out['rpm']} tpm={out['tpm']}"
+    print(json.dumps(out, indent=2) if args.json else text)
+    if g == "audit" and a == "verify":
+        return 0 if out["ok"] else 1
+    return 0

@@ -1,0 +1,86 @@
+"""Assemble the policy plane from settings: store, policy service, authenticator, limiter, audit."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+from pathlib import Path
+
+from admin.audit import AuditLog
+from admin.auth import Authenticator
+from admin.policy import MemoryStore, PolicyService, EMPTY_POLICY
+from admin.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from veil.errors import ConfigError
+from veil.settings import Settings
+
+log = logging.getLogger("veil.admin")
+
+
+@dataclasses.dataclass
+class PolicyPlane:
+    auth: Authenticator
+    policy: PolicyService
+    limiter: RateLimiter
+    audit: AuditLog | None
+    bootstrap_secret: str | None  # a freshly minted admin key, to print once; never logged
+
+    async def aclose(self) -> None:
+        await self.limiter.aclose()
+        if self.auth.jwt is not None:
+            await self.auth.jwt.aclose()  # type: ignore[attr-defined]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _jwt(settings: Settings):
+    a = settings.auth
+    if not (a.jwt_jwks_url or a.jwt_public_key_file):
+        return None
+    from admin.jwt_auth import JwtSettings, JwtVerifier
+
+    if not (a.jwt_issuer and a.jwt_audience):
+        raise ConfigError("JWT auth needs auth.jwt_issuer and auth.jwt_audience")
+    pem = Path(a.jwt_public_key_file).read_text() if a.jwt_public_key_file else ""
+    return JwtVerifier(JwtSettings(issuer=a.jwt_issuer, audience=a.jwt_audience, jwks_url=a.jwt_jwks_url,
+                                   public_key_pem=pem, default_rpm=a.jwt_default_rpm or None,
+                                   default_tpm=a.jwt_default_tpm or None))
+
+
+def build_plane(settings: Settings) -> PolicyPlane:
+    """Auth on needs the encrypted store; auth off (one local user) may run on an in-process one."""
+    if not settings.auth.enabled and not is_loopback(settings.edge.host) \
+            and not settings.auth.allow_unauthenticated_public:
+        raise ConfigError(f"refusing to serve without authentication on {settings.edge.host}: set "
+                          "VEIL_AUTH_ENABLED=true (or auth.allow_unauthenticated_public to force it)")
+    if settings.policy.passphrase:
+        from admin.policy_store import PolicyStore
+
+        path = settings.policy_store_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store = PolicyStore(path, settings.policy.passphrase)
+        if not store.exists():
+            store.initialize(dict(EMPTY_POLICY))
+            log.info("created a new policy store")
+        store.load()  # refuse a tampered, truncated or rolled-back store now, not on the first request
+        audit: AuditLog | None = AuditLog(settings.audit_log_path())
+    elif settings.auth.enabled:
+        raise ConfigError("auth is enabled but VEIL_POLICY_PASSPHRASE is not set: the policy store "
+                          "(keys, limits, guardrails) must be encrypted")
+    else:
+        store, audit = MemoryStore(), None  # type: ignore[assignment]
+    policy = PolicyService(store)
+    bootstrap = policy.ensure_bootstrap(settings.auth.admin_key) if settings.auth.enabled else None
+    if bootstrap and audit is not None:
+        audit.record("key.bootstrap", actor="system")
+    limiter: RateLimiter = (RedisRateLimiter(settings.redis.url, fail_open=settings.redis.fail_open)
+                            if settings.redis.url else MemoryRateLimiter())
+    return PolicyPlane(Authenticator(settings.auth.enabled, policy, _jwt(settings)), policy, limiter, audit,
+                       bootstrap)

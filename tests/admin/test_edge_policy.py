@@ -1,0 +1,233 @@
+"""The policy plane wired into real edges: two replicas sharing a policy store, Redis and an audit log."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.servers import Server, base_env, free_port
+
+pytestmark = pytest.mark.slow
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+PASSPHRASE = "correct horse battery staple " + secrets.token_hex(4)
+ADMIN_KEY = "sk-veil-adminboot-" + secrets.token_urlsafe(32)
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_bundles, key_file: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One core and two auth-enabled edge replicas sharing store, audit log and Redis."""
+    _, edge_bundle, core_bundle = tiny_bundles["llama"]
+    tmp = tmp_path_factory.mktemp("policy-cluster")
+    core_port = free_port()
+    core = Server("core", base_env(tmp, VEIL_CORE_PORT=str(core_port), VEIL_CORE_BUNDLE=str(core_bundle)),
+                  core_port, tmp / "core.log").wait_ready()
+    shared = dict(VEIL_AUTH_ENABLED="true", VEIL_POLICY_PASSPHRASE=PASSPHRASE,
+                  VEIL_POLICY_STORE=str(tmp / "policy.store"), VEIL_POLICY_AUDIT_LOG=str(tmp / "audit.log"),
+                  VEIL_ADMIN_KEY=ADMIN_KEY, VEIL_REDIS_URL=REDIS_URL, VEIL_BUNDLE_EDGE_DIR=str(edge_bundle),
+                  VEIL_BUNDLE_KEY_FILE=str(key_file), VEIL_MODEL_NAME=MODEL, VEIL_EDGE_CORE_URL=core.url)
+    edges = []
+    try:
+        for i in range(2):
+            port = free_port()
+            edges.append(Server("edge", base_env(tmp, VEIL_EDGE_PORT=str(port), **shared), port,
+                                tmp / f"edge{i}.log").wait_ready())
+        yield {"core": core, "edges": edges, "tmp": tmp, "env": shared}
+    finally:
+        for s in edges + [core]:
+            s.stop()
+
+
+def _admin(edge: Server, method: str, path: str, body: dict | None = None, key: str = ADMIN_KEY) -> httpx.Response:
+    return httpx.request(method, edge.url + path, json=body, headers={"authorization": f"Bearer {key}"}, timeout=30)
+
+
+def _new_key(edge: Server, **body) -> tuple[str, str]:
+    r = _admin(edge, "POST", "/admin/v1/keys", {"name": "t", "scopes": ["generate", "read"], **body})
+    assert r.status_code == 201, r.text
+    return r.json()["key"]["id"], r.json()["secret"]
+
+
+def _client(edge: Server, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=edge.url + "/v1", api_key=key, max_retries=0)
+
+
+def _chat(client: openai.OpenAI, **kw):
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=kw.pop("max_tokens", 3), **kw)
+
+
+def test_openai_client_with_valid_wrong_and_underscoped_keys(cluster) -> None:
+    edge = cluster["edges"][0]
+    _, secret = _new_key(edge)
+    ok = _chat(_client(edge, secret))
+    assert ok.choices[0].message.content is not None
+    assert [m.id for m in _client(edge, secret).models.list()] == [MODEL]
+    with pytest.raises(openai.AuthenticationError):
+        _chat(_client(edge, secret + "x"))
+    with pytest.raises(openai.AuthenticationError):
+        _chat(_client(edge, "sk-veil-nothere-" + "a" * 40))
+    _, reader = _new_key(edge, scopes=["read"])
+    with pytest.raises(openai.PermissionDeniedError):
+        _chat(_client(edge, reader))
+    r = httpx.post(edge.url + "/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["error"]["code"] == "missing_api_key"
+    assert _admin(edge, "GET", "/admin/v1/keys", key=secret).status_code == 403
+
+
+def test_request_limit_is_shared_by_replicas_and_429_carries_headers(cluster) -> None:
+    a, b = cluster["edges"]
+    _, secret = _new_key(a, rpm=4)
+    raw = _client(a, secret).chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert raw.headers["x-ratelimit-limit-requests"] == "4" and raw.headers["x-ratelimit-remaining-requests"] == "3"
+    _chat(_client(b, secret))
+    _chat(_client(a, secret))
+    _chat(_client(b, secret))
+    with pytest.raises(openai.RateLimitError) as exc:
+        _chat(_client(a, secret))
+    headers = exc.value.response.headers
+    assert int(headers["retry-after"]) >= 1 and headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(openai.RateLimitError):
+        _chat(_client(b, secret))
+
+
+def test_token_limit_reserves_max_tokens_then_counts_actual_usage(cluster) -> None:
+    edge = cluster["edges"][0]
+    eos = 2  # SmolLM2's <|im_end|>: a +100 bias ends each reply after one token
+    _, secret = _new_key(edge, tpm=260)
+    client = _client(edge, secret)
+    first = _chat(client, max_tokens=150, logit_bias={str(eos): 100})
+    assert first.usage.completion_tokens == 1
+    # a second 150-token reservation fits only because the first was corrected to its actual usage
+    second = _chat(client, max_tokens=150, logit_bias={str(eos): 100})
+    assert second.usage.completion_tokens == 1
+    with pytest.raises(openai.RateLimitError) as exc:
+        _chat(client, max_tokens=200)
+    assert "tokens" in exc.value.message
+
+
+def test_revoking_through_one_replica_is_401_on_the_other(cluster) -> None:
+    a, b = cluster["edges"]
+    key_id, secret = _new_key(a)
+    _chat(_client(b, secret))
+    assert _admin(a, "POST", f"/admin/v1/keys/{key_id}/revoke").status_code == 200
+    with pytest.raises(openai.AuthenticationError) as exc:
+        _chat(_client(b, secret))
+    assert "revoked" in exc.value.message
+
+
+def test_guardrail_blocks_before_the_core_and_names_only_the_rule(cluster) -> None:
+    a, b = cluster["edges"]
+    _, secret = _new_key(a)
+    r = _admin(a, "POST", "/admin/v1/guardrails", {"id": "codename", "action": "block",
+                                                   "pattern": r"(?i)\bproject-x\b"})
+    assert r.status_code == 201, r.text
+    try:
+        with pytest.raises(openai.BadRequestError) as exc:
+            _client(b, secret).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "status of Project-X?"}], max_tokens=3)
+        assert exc.value.code == "policy_violation" and "codename" in exc.value.message
+        assert "project-x" not in exc.value.response.text.lower()
+        metrics = httpx.get(b.url + "/metrics").text
+        assert 'veil_edge_policy_blocks_total{key_id="' in metrics and 'rule="codename"' in metrics
+    finally:
+        assert _admin(a, "DELETE", "/admin/v1/guardrails/codename").status_code == 204
+
+
+def _veil_admin(cluster, *args: str, key: str = ADMIN_KEY) -> subprocess.CompletedProcess:
+    env = base_env(cluster["tmp"], VEIL_EDGE_URL=cluster["edges"][0].url, VEIL_ADMIN_KEY=key)
+    return subprocess.run([sys.executable, "-m", "veil", "admin", *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_manages_keys_limits_guardrails_and_audit(cluster) -> None:
+    out = _veil_admin(cluster, "keys", "create", "--name", "ci-bot", "--scopes", "generate,read", "--rpm", "60",
+                      "--tpm", "20000")
+    assert out.returncode == 0, out.stderr
+    secret = [line for line in out.stdout.splitlines() if line.startswith("sk-veil-")]
+    assert len(secret) == 1 and secret[0].strip() == secret[0]
+    listed = json.loads(_veil_admin(cluster, "--json", "keys", "list").stdout)["data"]
+    key = next(k for k in listed if k["name"] == "ci-bot")
+    assert key["rpm"] == 60 and "hash" not in key
+    assert _veil_admin(cluster, "limits", "set", key["id"], "--rpm", "120").returncode == 0
+    assert json.loads(_veil_admin(cluster, "--json", "keys", "show", key["id"]).stdout)["rpm"] == 120
+    rotated = _veil_admin(cluster, "keys", "rotate", key["id"]).stdout
+    assert secret[0] not in rotated and "sk-veil-" + key["id"] in rotated
+    assert _veil_admin(cluster, "guardrails", "add", "--pattern", r"(?i)\bproject-y\b", "--action", "block",
+                       "--id", "py").returncode == 0
+    assert "py" in _veil_admin(cluster, "guardrails", "list").stdout
+    assert _veil_admin(cluster, "guardrails", "remove", "py").returncode == 0
+    assert _veil_admin(cluster, "keys", "revoke", key["id"]).returncode == 0
+    tail = _veil_admin(cluster, "--json", "audit", "tail", "-n", "50")
+    events = [line["event"] for line in json.loads(tail.stdout)["data"]]
+    assert {"key.create", "key.limits", "key.rotate", "guardrail.add", "key.revoke"} <= set(events)
+    verify = _veil_admin(cluster, "audit", "verify")
+    assert verify.returncode == 0 and "ok" in verify.stdout
+    assert _veil_admin(cluster, "keys", "list", key="sk-veil-wrong-" + "b" * 40).returncode != 0
+    exported = json.loads(_veil_admin(cluster, "--json", "policy", "export").stdout)
+    assert exported["version"] >= 1 and "keys" in exported["payload"]
+
+
+def test_audit_records_failures_and_no_secret_reaches_logs_metrics_or_errors(cluster) -> None:
+    a, b = cluster["edges"]
+    key_id, secret = _new_key(a, rpm=1)
+    _chat(_client(a, secret))
+    bodies = []
+    for bad in (lambda: _chat(_client(a, secret)), lambda: _chat(_client(b, secret + "zz"))):
+        with pytest.raises(openai.APIStatusError) as exc:
+            bad()
+        bodies.append(exc.value.response.text)
+    lines = [json.loads(x) for x in (cluster["tmp"] / "audit.log").read_text().splitlines()]
+    assert any(x["event"] == "ratelimit.reject" and x["actor"] == key_id for x in lines)
+    assert any(x["event"] == "auth.failure" for x in lines)
+    everything = "".join(s.log() for s in cluster["edges"] + [cluster["core"]]) + "".join(bodies)
+    everything += httpx.get(a.url + "/metrics").text + (cluster["tmp"] / "audit.log").read_text()
+    for secret_text in (secret, secret.split("-")[-1], ADMIN_KEY, PASSPHRASE):
+        assert secret_text not in everything
+    assert f'key_id="{key_id}"' in httpx.get(a.url + "/metrics").text
+
+
+def _start_edge(cluster, tmp: Path, **extra: str) -> subprocess.Popen:
+    env = base_env(tmp, VEIL_EDGE_PORT=str(free_port()), **{**cluster["env"], **extra})
+    return subprocess.Popen([sys.executable, "-m", "veil", "edge"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_bad_passphrase_and_public_address_without_auth_refuse_to_start(cluster, tmp_path: Path) -> None:
+    wrong = _start_edge(cluster, tmp_path, VEIL_POLICY_PASSPHRASE="not the passphrase")
+    out, _ = wrong.communicate(timeout=120)
+    assert wrong.returncode != 0 and "wrong passphrase or tampered" in out and "Traceback" not in out
+    public = _start_edge(cluster, tmp_path, VEIL_AUTH_ENABLED="false", VEIL_EDGE_HOST="0.0.0.0")
+    out, _ = public.communicate(timeout=120)
+    assert public.returncode != 0 and "refusing to serve without authentication" in out
+
+
+def test_bootstrap_admin_key_is_printed_once(cluster, tmp_path: Path) -> None:
+    env = {**cluster["env"], "VEIL_ADMIN_KEY": "", "VEIL_POLICY_STORE": str(tmp_path / "fresh.store"),
+           "VEIL_POLICY_AUDIT_LOG": str(tmp_path / "audit.log")}
+    port = free_port()
+    first = Server("edge", base_env(tmp_path, VEIL_EDGE_PORT=str(port), **env), port, tmp_path / "e1.log")
+    try:
+        first.wait_ready()
+        printed = [line.strip() for line in first.log().splitlines() if line.strip().startswith("sk-veil-")]
+        assert len(printed) == 1
+        assert _admin(first, "GET", "/admin/v1/keys", key=printed[0]).status_code == 200
+    finally:
+        first.stop()
+    second = Server("edge", base_env(tmp_path, VEIL_EDGE_PORT=str(port), **env), port, tmp_path / "e2.log")
+    try:
+        second.wait_ready()
+        assert "sk-veil-" not in second.log()
+    finally:
+        second.stop()
