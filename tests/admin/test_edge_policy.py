@@ -231,3 +231,38 @@ def test_bootstrap_admin_key_is_printed_once(cluster, tmp_path: Path) -> None:
         assert "sk-veil-" not in second.log()
     finally:
         second.stop()
+
+
+def test_jwt_bearer_tokens_work_through_the_edge(cluster, tmp_path: Path) -> None:
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = tmp_path / "idp.pem"
+    pem.write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    port = free_port()
+    env = {**cluster["env"], "VEIL_AUTH_JWT_ISSUER": "https://idp.test", "VEIL_AUTH_JWT_AUDIENCE": "veil",
+           "VEIL_AUTH_JWT_PUBLIC_KEY_FILE": str(pem), "VEIL_AUTH_JWT_DEFAULT_RPM": "100"}
+    edge = Server("edge", base_env(tmp_path, VEIL_EDGE_PORT=str(port), **env), port, tmp_path / "jwt-edge.log")
+
+    def token(scope: str, exp_in: int = 300) -> str:
+        now = int(time.time())
+        return jwt.encode({"iss": "https://idp.test", "aud": "veil", "sub": "alice", "scope": scope,
+                           "iat": now, "exp": now + exp_in}, private, algorithm="RS256")
+
+    try:
+        edge.wait_ready()
+        ok = _chat(_client(edge, token("generate read")))
+        assert ok.choices[0].finish_reason in ("stop", "length")
+        me = httpx.get(edge.url + "/v1/me", headers={"authorization": f"Bearer {token('read')}"}).json()
+        assert me["key_id"] == "jwt:alice" and me["kind"] == "jwt" and me["rpm"] == 100
+        with pytest.raises(openai.PermissionDeniedError):
+            _chat(_client(edge, token("read")))
+        with pytest.raises(openai.AuthenticationError) as exc:
+            _chat(_client(edge, token("generate", exp_in=-3600)))
+        assert "expired" in exc.value.message
+        assert token("generate read") not in edge.log()
+    finally:
+        edge.stop()
