@@ -34,6 +34,7 @@ class KeyCreate:
     tpm: int | None = None
     expires_at: float | None = None  # unix time; or
     expires_in_s: int | None = None  # seconds from now
+    noise_rho: float | None = None  # embedding noise for this key (privacy defense); null = deployment default
 
 
 @dataclasses.dataclass
@@ -77,7 +78,8 @@ async def create_key(request: Request, data: KeyCreate) -> dict[str, Any]:
         if data.expires_in_s < 1:
             raise InvalidRequest("expires_in_s must be positive", param="expires_in_s")
         expires_at = time.time() + data.expires_in_s
-    record, secret = request.app.state.policy.create_key(data.name, data.scopes, data.rpm, data.tpm, expires_at)
+    record, secret = request.app.state.policy.create_key(data.name, data.scopes, data.rpm, data.tpm, expires_at,
+                                                         data.noise_rho)
     _audit(request, "key.create", who, key_id=record["id"], scopes=",".join(record["scopes"]))
     return {"key": record, "secret": secret}
 
@@ -176,7 +178,8 @@ async def policy_import(request: Request, data: dict[str, Any]) -> dict[str, Any
 @get("/v1/me", summary="The calling key's id, scopes and limits")
 async def whoami(request: Request) -> dict[str, Any]:
     who = await _caller(request, Scope.READ)
-    return {"key_id": who.key_id, "kind": who.kind, "scopes": sorted(who.scopes), "rpm": who.rpm, "tpm": who.tpm}
+    return {"key_id": who.key_id, "kind": who.kind, "scopes": sorted(who.scopes), "rpm": who.rpm, "tpm": who.tpm,
+            "noise_rho": who.noise_rho}
 
 
 admin_router = Router(

@@ -39,6 +39,8 @@ def add_parser(sub: Any) -> None:
     create.add_argument("--rpm", type=_limit, default=None, help="requests per minute")
     create.add_argument("--tpm", type=_limit, default=None, help="tokens per minute")
     create.add_argument("--expires-in", type=_duration, default=None, help="e.g. 90d")
+    create.add_argument("--noise-rho", type=float, default=None,
+                        help="embedding noise for this key's requests (default: the deployment's)")
     keys.add_parser("list")
     for name in ("show", "revoke", "rotate"):
         keys.add_parser(name).add_argument("key_id")
@@ -100,7 +102,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     call = lambda method, path, body=None: _request(settings, method, path, body)  # noqa: E731
     if g == "keys" and a == "create":
         body = {"name": args.name, "scopes": [s for s in args.scopes.split(",") if s], "rpm": args.rpm,
-                "tpm": args.tpm, "expires_in_s": args.expires_in}
+                "tpm": args.tpm, "expires_in_s": args.expires_in, "noise_rho": args.noise_rho}
         out = call("POST", "/admin/v1/keys", body)
         text = f"created {_show_key(out['key'])}\nsecret (shown once, store it now):\n{out['secret']}"
     elif g == "keys" and a == "list":

@@ -31,6 +31,7 @@ class KeyRecord:
     created_at: float = dataclasses.field(default_factory=time.time)
     expires_at: float | None = None
     revoked_at: float | None = None
+    noise_rho: float | None = None  # embedding noise for this key's requests; None = deployment default
 
     def public(self) -> dict[str, Any]:
         """The admin API's view: everything but the hash, plus a display prefix."""

@@ -78,6 +78,12 @@ def _check_limit(value: int | None, name: str) -> int | None:
     return value
 
 
+def _check_noise(value: float | None) -> float | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100):
+        raise InvalidRequest("noise_rho must be a number between 0 and 100, or null", param="noise_rho")
+    return None if value is None else float(value)
+
+
 class PolicyService:
     """Keys and guardrails as the edge and the admin API use them."""
 
@@ -119,7 +125,8 @@ class PolicyService:
             raise AuthenticationFailed("this API key has been revoked", code="revoked_api_key")
         if record.expires_at is not None and time.time() >= record.expires_at:
             raise AuthenticationFailed("this API key has expired", code="expired_api_key")
-        return Principal(record.id, frozenset(record.scopes), record.rpm, record.tpm, kind="api_key")
+        return Principal(record.id, frozenset(record.scopes), record.rpm, record.tpm, kind="api_key",
+                         noise_rho=record.noise_rho)
 
     # --- writing -----------------------------------------------------------------------------
     def ensure_bootstrap(self, admin_key: str) -> str | None:
@@ -149,7 +156,7 @@ class PolicyService:
         self.store.update(lambda p: p["keys"].__setitem__(record.id, dataclasses.asdict(record)))
 
     def create_key(self, name: str, scopes: list[str], rpm: int | None = None, tpm: int | None = None,
-                   expires_at: float | None = None) -> tuple[dict[str, Any], str]:
+                   expires_at: float | None = None, noise_rho: float | None = None) -> tuple[dict[str, Any], str]:
         if not isinstance(name, str) or not 1 <= len(name) <= 100:
             raise InvalidRequest("name must be 1-100 characters", param="name")
         if expires_at is not None and (not isinstance(expires_at, (int, float)) or expires_at <= time.time()):
@@ -157,7 +164,8 @@ class PolicyService:
         key_id = apikeys.new_key_id()
         secret = apikeys.new_secret(key_id)
         record = apikeys.KeyRecord(key_id, name, apikeys.hash_key(secret), _check_scopes(scopes),
-                                   _check_limit(rpm, "rpm"), _check_limit(tpm, "tpm"), expires_at=expires_at)
+                                   _check_limit(rpm, "rpm"), _check_limit(tpm, "tpm"), expires_at=expires_at,
+                                   noise_rho=_check_noise(noise_rho))
         self._put(record)
         return record.public(), secret
 

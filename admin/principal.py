@@ -21,6 +21,7 @@ class Principal:
     rpm: int | None = None  # requests per minute; None = unlimited
     tpm: int | None = None  # tokens per minute; None = unlimited
     kind: str = "api_key"  # api_key | jwt | local
+    noise_rho: float | None = None  # per-key embedding noise; None = the deployment's setting
 
     def has(self, scope: Scope) -> bool:
         return scope.value in self.scopes

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from veil.bundle import CORE_WEIGHTS, CoreSpec, load_tensors, read_core_spec
+from veil.bundle import CORE_SPEC, CORE_WEIGHTS, CoreSpec, load_tensors, read_core_spec
 from veil.errors import BundleError
 from veil.linear import Linear
 from core_server.kv_cache import Session
@@ -81,9 +81,10 @@ class DecoderStack:
         self.inv_freq = inv_freq.to(device=device, dtype=torch.float32)
 
     @classmethod
-    def load(cls, bundle_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> "DecoderStack":
-        spec = read_core_spec(bundle_dir)
-        return cls(spec, load_tensors(Path(bundle_dir) / CORE_WEIGHTS), device, dtype)
+    def load(cls, bundle_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32, *,
+             spec_name: str = CORE_SPEC, weights_name: str = CORE_WEIGHTS) -> "DecoderStack":
+        spec = read_core_spec(bundle_dir, spec_name)
+        return cls(spec, load_tensors(Path(bundle_dir) / weights_name), device, dtype)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # [N, hd/2] -> cos, sin [N, 1, hd], computed in float32 as the reference model does

@@ -24,6 +24,7 @@ from edge_proxy.core_client import CoreTransport, HttpCoreTransport
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.generate import Completion, Engine
 from edge_proxy.metrics import EdgeMetrics
+from edge_proxy.outgoing import NoiseSpec
 from edge_proxy import openai_shapes as shapes
 from edge_proxy.schemas import parse_chat_request
 from veil.errors import AuthenticationFailed, NotFound, PolicyViolation, RateLimited, ServiceUnavailable, VeilError
@@ -124,7 +125,10 @@ async def chat_completions(request: Request[Any, Any, EdgeState], state: EdgeSta
         raise
     done = Completion(prompt_tokens=len(prompt_ids), max_new_tokens=engine.budget(len(prompt_ids), chat.max_tokens))
     ids = shapes.ChatIds(f"chatcmpl-{secrets.token_hex(12)}", chat.model, f"fp_veil_{state.model.spec.bundle_id[:8]}")
-    deltas = _gated(state, principal, engine.run(prompt_ids, chat.sampling, chat.stop, done, rid), done, rid)
+    privacy = state.settings.privacy
+    noise = NoiseSpec(rho=privacy.noise_rho if principal.noise_rho is None else principal.noise_rho,
+                      clip=privacy.noise_clip or None)
+    deltas = _gated(state, principal, engine.run(prompt_ids, chat.sampling, chat.stop, done, rid, noise), done, rid)
     headers = {"x-request-id": rid, **rate_limit_headers(decision)}
 
     async def finished(status: str) -> None:

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from veil.bundle import EDGE_SEALED_Q, EDGE_TOKENIZER, EDGE_WEIGHTS, EdgeSpec, load_tensors, read_edge_spec
+from core_server.decoder import DecoderStack
+from veil.bundle import (EDGE_LAYERS_SPEC, EDGE_LAYERS_WEIGHTS, EDGE_SEALED_Q, EDGE_TOKENIZER, EDGE_WEIGHTS,
+                         EdgeSpec, load_tensors, read_edge_spec)
 from veil.checkpoint import load_tokenizer
 from veil.cloak import unseal_rotation
 from veil.errors import BundleError
@@ -25,9 +27,13 @@ class EdgeModel:
     """Rotated embedding lookup and rotated-state-to-logits, both in float32 on the CPU."""
 
     def __init__(self, spec: EdgeSpec, tokenizer: Any, embed: torch.Tensor, norm: torch.Tensor,
-                 lm_head: torch.Tensor, q: torch.Tensor):
+                 lm_head: torch.Tensor, q: torch.Tensor, edge_stack: DecoderStack | None = None):
         self.spec, self.tokenizer = spec, tokenizer
+        self.edge_stack = edge_stack  # the first k blocks, folded with Q, when the edge holds some
+        self.edge_layers = spec.edge_layers
+        assert (edge_stack is None) == (spec.edge_layers == 0)
         d = spec.hidden_size
+        self.embedding_rms = float(embed.double().pow(2).mean().sqrt())  # rotation-invariant; sets noise scale
         assert q.shape == (d, d) and embed.shape[1] == d and lm_head.shape[1] == d
         q64 = q.double()
         self.rotated_embed = (embed.double() @ q64.T).float().contiguous()  # [V, d]: row i is Q·e_i
@@ -47,7 +53,9 @@ class EdgeModel:
         q = unseal_rotation(blob, key_source, spec.bundle_id)
         lm_head = tensors["embed"] if spec.tied_embeddings else tensors["lm_head"]
         tokenizer = load_tokenizer(bundle_dir / EDGE_TOKENIZER)
-        return cls(spec, tokenizer, tensors["embed"], tensors["norm"], lm_head, q)
+        stack = DecoderStack.load(bundle_dir, torch.device("cpu"), spec_name=EDGE_LAYERS_SPEC,
+                                  weights_name=EDGE_LAYERS_WEIGHTS) if spec.edge_layers else None
+        return cls(spec, tokenizer, tensors["embed"], tensors["norm"], lm_head, q, stack)
 
     @property
     def vocab_size(self) -> int:

@@ -16,6 +16,7 @@ from edge_proxy.core_client import CoreTransport
 from edge_proxy.detokenize import IncrementalDetokenizer, StopMatcher
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.metrics import EdgeMetrics
+from edge_proxy.outgoing import NoiseSpec, OutgoingStates
 from edge_proxy.sampling import Sampler, SamplingParams
 from veil.errors import ContextLengthExceeded, NotFound
 from veil.wire import StepRequest
@@ -61,16 +62,21 @@ class Engine:
             return min(room, self.default_max_tokens)
         return max_tokens if max_tokens is not None else room
 
-    async def _step(self, session: str, offset: int, pending: list[int], history: list[int], rid: str) -> torch.Tensor:
+    async def _step(self, outgoing: OutgoingStates, session: str, offset: int, pending: list[int],
+                    history: list[int], rid: str) -> torch.Tensor:
         started = time.perf_counter()
+        # edge-held blocks are real compute: keep them off the event loop
+        states = outgoing(pending, offset) if self.model.edge_stack is None else \
+            await asyncio.to_thread(outgoing, pending, offset)
         try:
-            result = await self.core.step(StepRequest(session, offset, self.model.embed(pending), request_id=rid))
+            result = await self.core.step(StepRequest(session, offset, states, request_id=rid))
         except NotFound as exc:
             if exc.code != "session_not_found" or offset == 0:
                 raise
             # The core lost the session (idle expiry, restart): the edge has the history, so re-prefill.
             log.warning("core session lost; re-prefilling rid=%s tokens=%d", rid, len(history))
-            result = await self.core.step(StepRequest(session, 0, self.model.embed(history), request_id=rid))
+            states = await asyncio.to_thread(outgoing, history, 0)
+            result = await self.core.step(StepRequest(session, 0, states, request_id=rid))
         self.metrics.step_roundtrip.observe(time.perf_counter() - started)
         self.metrics.core_compute.observe(result.compute_ms / 1000)
         return result.hidden[-1]
@@ -82,16 +88,17 @@ class Engine:
         return token
 
     async def run(self, prompt_ids: list[int], params: SamplingParams, stops: list[str], done: Completion,
-                  rid: str) -> AsyncIterator[str]:
+                  rid: str, noise: NoiseSpec = NoiseSpec()) -> AsyncIterator[str]:
         """Yield text deltas; `done` holds counts and the finish reason once the iterator ends."""
         session = secrets.token_hex(16)
+        outgoing = OutgoingStates(self.model, noise)
         sampler = Sampler(params, self.model.vocab_size)
         detok = IncrementalDetokenizer(self.model.tokenizer, prompt_ids)
         stop = StopMatcher(stops)
         history, pending, offset = list(prompt_ids), list(prompt_ids), 0
         try:
             while True:
-                hidden = await self._step(session, offset, pending, history, rid)
+                hidden = await self._step(outgoing, session, offset, pending, history, rid)
                 offset += len(pending)
                 token = await asyncio.to_thread(self._next_token, hidden, sampler)
                 done.completion_tokens += 1

@@ -22,6 +22,8 @@ EDGE_SPEC = "edge.json"
 EDGE_WEIGHTS = "edge.safetensors"
 EDGE_SEALED_Q = "q.sealed"
 EDGE_TOKENIZER = "tokenizer"
+EDGE_LAYERS_SPEC = "edge_layers.json"  # the first k blocks, when the edge holds some (--edge-layers k)
+EDGE_LAYERS_WEIGHTS = "edge_layers.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -45,6 +47,7 @@ class CoreSpec:
     rope_attention_scaling: float
     max_positions: int
     bundle_id: str
+    first_layer: int = 0  # index of this stack's first block in the original model
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -65,6 +68,7 @@ class EdgeSpec:
     eos_token_ids: list[int]
     max_positions: int
     bundle_id: str
+    edge_layers: int = 0  # blocks the edge runs itself before the core
     format_version: int = FORMAT_VERSION
 
 
@@ -85,8 +89,8 @@ def _read_spec(path: Path, cls: type) -> CoreSpec | EdgeSpec:
         raise BundleError(f"bundle spec {path} is malformed") from exc
 
 
-def read_core_spec(bundle_dir: Path) -> CoreSpec:
-    return _read_spec(Path(bundle_dir) / CORE_SPEC, CoreSpec)  # type: ignore[return-value]
+def read_core_spec(bundle_dir: Path, name: str = CORE_SPEC) -> CoreSpec:
+    return _read_spec(Path(bundle_dir) / name, CoreSpec)  # type: ignore[return-value]
 
 
 def read_edge_spec(bundle_dir: Path) -> EdgeSpec:

@@ -44,7 +44,8 @@ def cmd_cloak(settings: Settings, args: argparse.Namespace) -> int:
     source = key_source(settings, create=True)
     print(f"loading {checkpoint} ...", file=sys.stderr)
     ckpt = load_checkpoint(checkpoint)
-    bundle_id = cloak(ckpt, edge_dir, core_dir, source, settings.model.name, force=args.force)
+    bundle_id = cloak(ckpt, edge_dir, core_dir, source, settings.model.name, force=args.force,
+                      edge_layers=args.edge_layers)
     print(f"edge bundle: {edge_dir}\ncore bundle: {core_dir}\nbundle id:   {bundle_id}")
     return 0
 
@@ -108,7 +109,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
     if not (bundle_exists(settings.edge_bundle_dir(), EDGE_SPEC) and bundle_exists(settings.core_bundle_dir(), CORE_SPEC)):
         print("first run: cloaking the model (once) ...", file=sys.stderr)
-        cmd_cloak(settings, argparse.Namespace(checkpoint=None, edge_out=None, core_out=None, force=True))
+        cmd_cloak(settings, argparse.Namespace(checkpoint=None, edge_out=None, core_out=None, force=True,
+                                               edge_layers=0))
     env = dict(os.environ)
     env["VEIL_BUNDLE_KEY_FILE"] = str(settings.key_file_path())
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -150,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--edge-out", help="edge bundle directory")
     cl.add_argument("--core-out", help="core bundle directory")
     cl.add_argument("--force", action="store_true", help="replace existing bundles")
+    cl.add_argument("--edge-layers", type=int, default=0, metavar="K",
+                    help="the edge runs the first K decoder blocks itself; the core bundle holds the rest")
     try:
         from admin.cli import add_parser
     except ImportError:  # the core image ships without the admin plane

@@ -23,6 +23,8 @@ from safetensors.torch import save_file
 
 from veil.bundle import (
     CORE_WEIGHTS,
+    EDGE_LAYERS_SPEC,
+    EDGE_LAYERS_WEIGHTS,
     EDGE_SEALED_Q,
     EDGE_TOKENIZER,
     EDGE_WEIGHTS,
@@ -49,7 +51,8 @@ def _layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
 
 
-def core_spec_for(model: Any, bundle_id: str) -> CoreSpec:
+def core_spec_for(model: Any, bundle_id: str, first: int = 0, end: int | None = None) -> CoreSpec:
+    """Spec of the decoder blocks [first, end) of `model`."""
     cfg = model.config
     sd_keys = set(model.state_dict().keys())
     p = _layer_prefix(0)
@@ -65,9 +68,10 @@ def core_spec_for(model: Any, bundle_id: str) -> CoreSpec:
     else:
         windows = [None] * n_layers
     rotary = model.model.rotary_emb
+    end = n_layers if end is None else end
     return CoreSpec(
         architecture=cfg.model_type,
-        num_layers=n_layers,
+        num_layers=end - first,
         hidden_size=cfg.hidden_size,
         num_heads=cfg.num_attention_heads,
         num_kv_heads=cfg.num_key_value_heads,
@@ -78,16 +82,19 @@ def core_spec_for(model: Any, bundle_id: str) -> CoreSpec:
         o_bias=p + "self_attn.o_proj.bias" in sd_keys,
         mlp_bias=p + "mlp.down_proj.bias" in sd_keys,
         qk_norm=p + "self_attn.q_norm.weight" in sd_keys,
-        sliding_windows=windows,
+        sliding_windows=windows[first:end],
         rope_attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
         max_positions=int(cfg.max_position_embeddings),
         bundle_id=bundle_id,
+        first_layer=first,
     )
 
 
-def fold_layer(sd: dict[str, torch.Tensor], i: int, q: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Folded float32 weights of decoder layer i, named `layers.{i}.*`; q is float64 [d, d]."""
+def fold_layer(sd: dict[str, torch.Tensor], i: int, q: torch.Tensor,
+               as_index: int | None = None) -> dict[str, torch.Tensor]:
+    """Folded float32 weights of decoder layer i, named `layers.{as_index or i}.*`; q is float64 [d, d]."""
     p, out = _layer_prefix(i), {}
+    j = i if as_index is None else as_index
     g_in = sd[p + "input_layernorm.weight"].double()
     g_post = sd[p + "post_attention_layernorm.weight"].double()
 
@@ -97,16 +104,16 @@ def fold_layer(sd: dict[str, torch.Tensor], i: int, q: torch.Tensor) -> dict[str
     for src, dst, gain in (("self_attn.q_proj", "q", g_in), ("self_attn.k_proj", "k", g_in),
                            ("self_attn.v_proj", "v", g_in), ("mlp.gate_proj", "gate", g_post),
                            ("mlp.up_proj", "up", g_post)):
-        out[f"layers.{i}.{dst}.weight"] = read(src + ".weight") * gain[None, :] @ q.T
+        out[f"layers.{j}.{dst}.weight"] = read(src + ".weight") * gain[None, :] @ q.T
         if p + src + ".bias" in sd:
-            out[f"layers.{i}.{dst}.bias"] = read(src + ".bias")
+            out[f"layers.{j}.{dst}.bias"] = read(src + ".bias")
     for src, dst in (("self_attn.o_proj", "o"), ("mlp.down_proj", "down")):
-        out[f"layers.{i}.{dst}.weight"] = q @ read(src + ".weight")
+        out[f"layers.{j}.{dst}.weight"] = q @ read(src + ".weight")
         if p + src + ".bias" in sd:
-            out[f"layers.{i}.{dst}.bias"] = q @ read(src + ".bias")
+            out[f"layers.{j}.{dst}.bias"] = q @ read(src + ".bias")
     for norm in ("q_norm", "k_norm"):  # per-head norms sit outside the residual stream
         if p + f"self_attn.{norm}.weight" in sd:
-            out[f"layers.{i}.{norm}.weight"] = read(f"self_attn.{norm}.weight")
+            out[f"layers.{j}.{norm}.weight"] = read(f"self_attn.{norm}.weight")
     return {k: v.float().contiguous() for k, v in out.items()}
 
 
@@ -155,25 +162,42 @@ def cloak(
     force: bool = False,
     progress: bool = True,
     seed: int | None = None,
+    edge_layers: int = 0,
 ) -> str:
-    """Write the edge and core bundles for `ckpt`; returns the shared bundle id."""
+    """Write the edge and core bundles for `ckpt`; returns the shared bundle id.
+
+    With `edge_layers=k` the edge bundle also holds the first k blocks (folded the same way)
+    and the core bundle only blocks k..L-1, renumbered from 0.
+    """
     from tqdm import tqdm
 
     model = ckpt.model
     sd = model.state_dict()
     bundle_id = uuid.uuid4().hex
-    spec = core_spec_for(model, bundle_id)
+    n_layers = model.config.num_hidden_layers
+    if not 0 <= edge_layers < n_layers:
+        raise BundleError(f"--edge-layers must be between 0 and {n_layers - 1} for this model")
+    spec = core_spec_for(model, bundle_id, edge_layers)
     q = random_orthogonal(spec.hidden_size, seed)
     edge_dir, core_dir = Path(edge_dir), Path(core_dir)
     edge_tmp, core_tmp = _fresh_dir(edge_dir, force), _fresh_dir(core_dir, force)
     try:
+        inv_freq = model.model.rotary_emb.inv_freq.detach().float().contiguous()
         core: dict[str, torch.Tensor] = {}
-        bar = tqdm(range(spec.num_layers), desc="cloak: folding layers", unit="layer", disable=not progress)
+        edge_stack: dict[str, torch.Tensor] = {}
+        bar = tqdm(range(n_layers), desc="cloak: folding layers", unit="layer", disable=not progress)
         for i in bar:
-            core.update(fold_layer(sd, i, q))
-        core["rope.inv_freq"] = model.model.rotary_emb.inv_freq.detach().float().contiguous()
+            if i < edge_layers:
+                edge_stack.update(fold_layer(sd, i, q))
+            else:
+                core.update(fold_layer(sd, i, q, as_index=i - edge_layers))
+        core["rope.inv_freq"] = inv_freq
         save_file(core, str(core_tmp / CORE_WEIGHTS), metadata={"bundle_id": bundle_id})
         write_spec(core_tmp / CORE_SPEC, spec)
+        if edge_layers:
+            edge_stack["rope.inv_freq"] = inv_freq
+            save_file(edge_stack, str(edge_tmp / EDGE_LAYERS_WEIGHTS))
+            write_spec(edge_tmp / EDGE_LAYERS_SPEC, core_spec_for(model, bundle_id, 0, edge_layers))
 
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         edge = {"embed": sd["model.embed_tokens.weight"].float(), "norm": sd["model.norm.weight"].float()}
@@ -194,6 +218,7 @@ def cloak(
                 eos_token_ids=_eos_ids(ckpt),
                 max_positions=spec.max_positions,
                 bundle_id=bundle_id,
+                edge_layers=edge_layers,
             ),
         )
         _publish(core_tmp, core_dir)

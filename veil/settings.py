@@ -95,6 +95,12 @@ class AdminClientSettings:
 
 
 @dataclasses.dataclass(slots=True)
+class PrivacySettings:
+    noise_rho: float = 0.0  # Gaussian noise on each embedding, sigma = rho * rms(embedding matrix); per key too
+    noise_clip: float = 0.0  # L2 clip of each embedding before the noise; 0 = no clipping
+
+
+@dataclasses.dataclass(slots=True)
 class LogSettings:
     level: str = "info"
 
@@ -110,6 +116,7 @@ class Settings:
     policy: PolicySettings = dataclasses.field(default_factory=PolicySettings)
     redis: RedisSettings = dataclasses.field(default_factory=RedisSettings)
     admin: AdminClientSettings = dataclasses.field(default_factory=AdminClientSettings)
+    privacy: PrivacySettings = dataclasses.field(default_factory=PrivacySettings)
     log: LogSettings = dataclasses.field(default_factory=LogSettings)
 
     def __post_init__(self) -> None:
@@ -120,6 +127,8 @@ class Settings:
             raise ConfigError("core.max_sessions and core.max_tokens_per_session must be >= 1")
         if self.core.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("core.device must be one of auto, cpu, cuda")
+        if self.privacy.noise_rho < 0 or self.privacy.noise_clip < 0:
+            raise ConfigError("privacy.noise_rho and privacy.noise_clip must be >= 0")
 
     # Derived paths live here so every command agrees on them.
     def model_home(self) -> Path:

@@ -1,0 +1,56 @@
+"""What leaves the edge for each token: embed -> (noise) -> (edge-held blocks) -> rotated states.
+
+Noise is drawn in the rotated basis: for Gaussian n, Q·n has the same distribution as n, and
+clipping is rotation-invariant, so Q·clip(x) + n' equals Q·(clip(x) + n) in law.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+
+import torch
+
+from core_server.decoder import Segment
+from core_server.kv_cache import Session
+from edge_proxy.edge_model import EdgeModel
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NoiseSpec:
+    rho: float = 0.0  # sigma = rho * rms(embedding matrix)
+    clip: float | None = None  # L2 bound applied to each embedding before the noise (bounds sensitivity to 2*clip)
+
+    def __post_init__(self) -> None:
+        assert self.rho >= 0 and (self.clip is None or self.clip > 0)
+
+
+class OutgoingStates:
+    """One request's outgoing stream; keeps the edge-held blocks' KV cache between calls."""
+
+    def __init__(self, model: EdgeModel, noise: NoiseSpec, generator: torch.Generator | None = None):
+        self.model, self.noise = model, noise
+        self.sigma = noise.rho * model.embedding_rms
+        # fresh per request; tests pass a seeded generator
+        self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
+        stack = model.edge_stack
+        self.session = None if stack is None else Session(
+            "edge", stack.spec.num_layers, stack.spec.num_kv_heads, stack.spec.head_dim, stack.dtype, stack.device)
+
+    def __call__(self, ids: list[int], offset: int) -> torch.Tensor:
+        """[n] token ids at positions offset.. -> [n, d] rotated states for the core."""
+        x = self.model.embed(ids)
+        if self.noise.clip is not None:
+            norms = x.norm(dim=-1, keepdim=True)
+            x = x * torch.clamp(self.noise.clip / norms, max=1.0)
+        if self.sigma > 0:
+            x = x + self.sigma * torch.randn(x.shape, generator=self.generator)
+        if self.session is None:
+            return x
+        stack, n = self.model.edge_stack, len(ids)
+        assert stack is not None
+        self.session.length = min(self.session.length, offset)  # a re-prefill rolls the edge cache back too
+        self.session.reserve(offset + n, self.model.spec.max_positions)
+        out = stack.forward(x, [Segment(self.session, offset, 0, n)])
+        self.session.length = offset + n
+        return out
