@@ -9,7 +9,7 @@ from pathlib import Path
 
 from admin.audit import AuditLog
 from admin.auth import Authenticator
-from admin.policy import MemoryStore, PolicyService, EMPTY_POLICY
+from admin.policy import EMPTY_POLICY, MemoryStore, PolicyService
 from admin.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from veil.errors import ConfigError
 from veil.settings import Settings

@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable, Protocol, TypeVar
 
 from admin import keys as apikeys
-from admin.guardrails import GuardrailRule, Guardrails, rule_from_dict
+from admin.guardrails import Guardrails, rule_from_dict
 from admin.principal import Principal, Scope
 from veil.errors import AuthenticationFailed, InvalidRequest, NotFound
 

@@ -15,19 +15,19 @@ from litestar.response import Stream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from admin.api import admin_router, me_route
-from admin.auth import require
 from admin.plane import PolicyPlane, build_plane
 from admin.principal import Principal, Scope
-from admin.ratelimit import RateDecision, rate_limit_headers
+from admin.ratelimit import rate_limit_headers
+from edge_proxy import openai_shapes as shapes
 from edge_proxy.chat_template import render_prompt
 from edge_proxy.core_client import CoreTransport, HttpCoreTransport
 from edge_proxy.edge_model import EdgeModel
+from edge_proxy.gatekeeper import Gatekeeper
 from edge_proxy.generate import Completion, Engine
 from edge_proxy.metrics import EdgeMetrics
 from edge_proxy.outgoing import NoiseSpec
-from edge_proxy import openai_shapes as shapes
 from edge_proxy.schemas import parse_chat_request
-from veil.errors import AuthenticationFailed, NotFound, PolicyViolation, RateLimited, ServiceUnavailable, VeilError
+from veil.errors import NotFound, PolicyViolation, ServiceUnavailable, VeilError
 from veil.http import EXCEPTION_HANDLERS
 from veil.settings import Settings
 
@@ -43,6 +43,7 @@ class EdgeState(State):
     metrics: EdgeMetrics
     core_verified: bool
     plane: PolicyPlane
+    gate: Gatekeeper
     # the admin API reads these three straight off the state
     auth: Any
     policy: Any
@@ -78,18 +79,7 @@ def _request_id(request: Request) -> str:
 
 
 async def _principal(request: Request, state: EdgeState, scope: Scope) -> Principal:
-    """Authenticate and check the scope; failures are counted and audited by reason, never by secret."""
-    try:
-        principal = await state.plane.auth.authenticate(request.headers)
-    except AuthenticationFailed as exc:
-        state.metrics.auth_failures.labels(reason=str(exc.code)).inc()
-        if state.plane.audit is not None:
-            state.plane.audit.record("auth.failure", request_id=_request_id(request), reason=str(exc.code),
-                                     path=request.url.path)
-        exc.headers["www-authenticate"] = "Bearer"
-        raise
-    require(principal, scope)
-    return principal
+    return await state.gate.principal(request.headers, scope, _request_id(request), request.url.path)
 
 
 @get("/v1/models")
@@ -117,23 +107,25 @@ async def chat_completions(request: Request[Any, Any, EdgeState], state: EdgeSta
     engine = await _verify_core(state)
     prompt_ids = render_prompt(state.model.tokenizer, chat.messages)
     max_new = engine.budget(len(prompt_ids), chat.max_tokens)
-    decision = await _admit(state, principal, len(prompt_ids) + max_new, rid)
+    decision = await state.gate.admit(principal, len(prompt_ids) + max_new, rid)
     try:
-        prompt_ids = _apply_guardrails(state, principal, chat.messages, prompt_ids, rid)
+        redacted = state.gate.guard_prompt(principal, chat.messages, rid)
     except PolicyViolation:
-        await state.plane.limiter.settle(principal.key_id, request_id=rid, actual_tokens=0)
+        await state.gate.settle(principal, rid, 0)
         raise
+    if redacted is not None:
+        prompt_ids = render_prompt(state.model.tokenizer, redacted)
     done = Completion(prompt_tokens=len(prompt_ids), max_new_tokens=engine.budget(len(prompt_ids), chat.max_tokens))
     ids = shapes.ChatIds(f"chatcmpl-{secrets.token_hex(12)}", chat.model, f"fp_veil_{state.model.spec.bundle_id[:8]}")
     privacy = state.settings.privacy
     noise = NoiseSpec(rho=privacy.noise_rho if principal.noise_rho is None else principal.noise_rho,
                       clip=privacy.noise_clip or None)
-    deltas = _gated(state, principal, engine.run(prompt_ids, chat.sampling, chat.stop, done, rid, noise), done, rid)
+    deltas = state.gate.guard_output(principal, engine.run(prompt_ids, chat.sampling, chat.stop, done, rid, noise),
+                                     done, rid)
     headers = {"x-request-id": rid, **rate_limit_headers(decision)}
 
     async def finished(status: str) -> None:
-        await state.plane.limiter.settle(principal.key_id, request_id=rid,
-                                         actual_tokens=done.prompt_tokens + done.completion_tokens)
+        await state.gate.settle(principal, rid, done.prompt_tokens + done.completion_tokens)
         m = state.metrics
         m.requests.labels(status=status).inc()
         m.prompt_tokens.inc(done.prompt_tokens)
@@ -189,65 +181,6 @@ async def chat_completions(request: Request[Any, Any, EdgeState], state: EdgeSta
                   headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
-async def _admit(state: EdgeState, principal: Principal, tokens: int, rid: str) -> RateDecision:
-    """Reserve a request and its worst-case tokens against the key's per-minute limits (429 if over)."""
-    decision = await state.plane.limiter.acquire(principal.key_id, rpm=principal.rpm, tpm=principal.tpm,
-                                                 tokens=tokens, request_id=rid)
-    if decision.allowed:
-        return decision
-    which = "requests" if decision.remaining_requests == 0 else "tokens"
-    state.metrics.rate_limited.labels(key_id=principal.key_id, limit=which).inc()
-    if state.plane.audit is not None:
-        state.plane.audit.record("ratelimit.reject", actor=principal.key_id, request_id=rid, limit=which)
-    raise RateLimited(f"rate limit reached for {which} per minute on key {principal.key_id}; "
-                      f"retry after {decision.retry_after_s:.1f}s", code="rate_limit_exceeded",
-                      headers=rate_limit_headers(decision))
-
-
-def _blocked(state: EdgeState, principal: Principal, rule_id: str, rid: str, where: str) -> None:
-    state.metrics.policy_blocks.labels(key_id=principal.key_id, rule=rule_id).inc()
-    if state.plane.audit is not None:
-        state.plane.audit.record("policy.block", actor=principal.key_id, request_id=rid, rule_id=rule_id,
-                                 where=where)
-
-
-def _apply_guardrails(state: EdgeState, principal: Principal, messages: list[dict[str, str]],
-                      prompt_ids: list[int], rid: str) -> list[int]:
-    """Block or redact before anything reaches the core; re-render only when something was redacted."""
-    try:
-        redacted_messages, fired = state.plane.policy.guardrails().check_prompt(messages)
-    except PolicyViolation as exc:
-        _blocked(state, principal, exc.rule_id, rid, "prompt")
-        raise
-    if not fired:
-        return prompt_ids
-    if state.plane.audit is not None:
-        state.plane.audit.record("policy.redact", actor=principal.key_id, request_id=rid, rules=",".join(fired))
-    return render_prompt(state.model.tokenizer, redacted_messages)
-
-
-async def _gated(state: EdgeState, principal: Principal, deltas: AsyncIterator[str], done: Completion,
-                 rid: str) -> AsyncIterator[str]:
-    """Output guardrails: hold back what a rule could still match; a block ends with `content_filter`."""
-    gate = state.plane.policy.guardrails().output_gate()
-    try:
-        async for piece in deltas:
-            if gate is None:
-                yield piece
-                continue
-            text, rule = gate.feed(piece)
-            if text:
-                yield text
-            if rule is not None:
-                done.finish_reason = "content_filter"
-                _blocked(state, principal, rule, rid, "output")
-                return
-        if gate is not None and (tail := gate.flush()):
-            yield tail
-    finally:
-        await deltas.aclose()  # type: ignore[attr-defined]
-
-
 @get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -270,8 +203,10 @@ def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None 
     transport = core or HttpCoreTransport(settings.edge.core_url, settings.edge.core_timeout_seconds,
                                           settings.edge.core_connections)
     plane = plane or build_plane(settings)
+    edge_metrics = EdgeMetrics()
     state = EdgeState({"settings": settings, "model": model, "core": transport, "engine": None,
-                       "metrics": EdgeMetrics(), "core_verified": False, "plane": plane,
+                       "metrics": edge_metrics, "core_verified": False, "plane": plane,
+                       "gate": Gatekeeper(plane, edge_metrics),
                        "auth": plane.auth, "policy": plane.policy, "audit": plane.audit})
 
     async def on_startup(app: Litestar) -> None:

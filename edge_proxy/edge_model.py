@@ -14,8 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from core_server.decoder import DecoderStack
-from veil.bundle import (EDGE_LAYERS_SPEC, EDGE_LAYERS_WEIGHTS, EDGE_SEALED_Q, EDGE_TOKENIZER, EDGE_WEIGHTS,
-                         EdgeSpec, load_tensors, read_edge_spec)
+from veil.bundle import (
+    EDGE_LAYERS_SPEC,
+    EDGE_LAYERS_WEIGHTS,
+    EDGE_SEALED_Q,
+    EDGE_TOKENIZER,
+    EDGE_WEIGHTS,
+    EdgeSpec,
+    load_tensors,
+    read_edge_spec,
+)
 from veil.checkpoint import load_tokenizer
 from veil.cloak import unseal_rotation
 from veil.errors import BundleError

@@ -65,10 +65,9 @@ def cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from admin.plane import build_plane
     from edge_proxy.app import create_app
     from edge_proxy.edge_model import EdgeModel
-
-    from admin.plane import build_plane
 
     if settings.edge.threads > 0:
         torch.set_num_threads(settings.edge.threads)

@@ -22,17 +22,17 @@ from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 
 from veil.bundle import (
+    CORE_SPEC,
     CORE_WEIGHTS,
     EDGE_LAYERS_SPEC,
     EDGE_LAYERS_WEIGHTS,
     EDGE_SEALED_Q,
+    EDGE_SPEC,
     EDGE_TOKENIZER,
     EDGE_WEIGHTS,
     CoreSpec,
     EdgeSpec,
     write_spec,
-    CORE_SPEC,
-    EDGE_SPEC,
 )
 from veil.checkpoint import Checkpoint
 from veil.errors import BundleError

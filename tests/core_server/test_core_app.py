@@ -1,6 +1,5 @@
 """The core as a real uvicorn server: step API, limits, session close, health, readiness, metrics."""
 
-from pathlib import Path
 
 import httpx
 import pytest

@@ -1,0 +1,92 @@
+"""The policy stages of a request at the edge: auth -> scope -> rate limit -> guardrails.
+
+Every rejection is counted (by key id or reason, never by secret) and written to the audit log.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from admin.auth import require
+from admin.plane import PolicyPlane
+from admin.principal import Principal, Scope
+from admin.ratelimit import RateDecision, rate_limit_headers
+from edge_proxy.generate import Completion
+from edge_proxy.metrics import EdgeMetrics
+from veil.errors import AuthenticationFailed, PolicyViolation, RateLimited
+
+
+class Gatekeeper:
+    def __init__(self, plane: PolicyPlane, metrics: EdgeMetrics):
+        self.plane, self.metrics = plane, metrics
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        if self.plane.audit is not None:
+            self.plane.audit.record(event, **fields)
+
+    async def principal(self, headers: Any, scope: Scope, rid: str, path: str) -> Principal:
+        """Authenticate and check the scope (401, then 403)."""
+        try:
+            principal = await self.plane.auth.authenticate(headers)
+        except AuthenticationFailed as exc:
+            self.metrics.auth_failures.labels(reason=str(exc.code)).inc()
+            self._audit("auth.failure", request_id=rid, reason=str(exc.code), path=path)
+            exc.headers["www-authenticate"] = "Bearer"
+            raise
+        require(principal, scope)
+        return principal
+
+    async def admit(self, principal: Principal, tokens: int, rid: str) -> RateDecision:
+        """Reserve a request and its worst-case tokens against the key's per-minute limits (429 if over)."""
+        decision = await self.plane.limiter.acquire(principal.key_id, rpm=principal.rpm, tpm=principal.tpm,
+                                                    tokens=tokens, request_id=rid)
+        if decision.allowed:
+            return decision
+        which = "requests" if decision.remaining_requests == 0 else "tokens"
+        self.metrics.rate_limited.labels(key_id=principal.key_id, limit=which).inc()
+        self._audit("ratelimit.reject", actor=principal.key_id, request_id=rid, limit=which)
+        raise RateLimited(f"rate limit reached for {which} per minute on key {principal.key_id}; "
+                          f"retry after {decision.retry_after_s:.1f}s", code="rate_limit_exceeded",
+                          headers=rate_limit_headers(decision))
+
+    async def settle(self, principal: Principal, rid: str, tokens: int) -> None:
+        """Correct the reservation to what the request really used."""
+        await self.plane.limiter.settle(principal.key_id, request_id=rid, actual_tokens=tokens)
+
+    def _blocked(self, principal: Principal, rule_id: str, rid: str, where: str) -> None:
+        self.metrics.policy_blocks.labels(key_id=principal.key_id, rule=rule_id).inc()
+        self._audit("policy.block", actor=principal.key_id, request_id=rid, rule_id=rule_id, where=where)
+
+    def guard_prompt(self, principal: Principal, messages: list[dict[str, str]],
+                     rid: str) -> list[dict[str, str]] | None:
+        """Block (400) or redact before anything reaches the core; the redacted messages, or None if untouched."""
+        try:
+            redacted, fired = self.plane.policy.guardrails().check_prompt(messages)
+        except PolicyViolation as exc:
+            self._blocked(principal, exc.rule_id, rid, "prompt")
+            raise
+        if not fired:
+            return None
+        self._audit("policy.redact", actor=principal.key_id, request_id=rid, rules=",".join(fired))
+        return redacted
+
+    async def guard_output(self, principal: Principal, deltas: AsyncIterator[str], done: Completion,
+                           rid: str) -> AsyncIterator[str]:
+        """Output rules hold back what a match could still need; a block ends with `content_filter`."""
+        gate = self.plane.policy.guardrails().output_gate()
+        try:
+            async for piece in deltas:
+                if gate is None:
+                    yield piece
+                    continue
+                text, rule = gate.feed(piece)
+                if text:
+                    yield text
+                if rule is not None:
+                    done.finish_reason = "content_filter"
+                    self._blocked(principal, rule, rid, "output")
+                    return
+            if gate is not None and (tail := gate.flush()):
+                yield tail
+        finally:
+            await deltas.aclose()  # type: ignore[attr-defined]
