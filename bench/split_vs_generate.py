@@ -77,6 +77,26 @@ def bench_split(base_url: str, eos_ids: list[int], tokens: int) -> tuple[float, 
     return ttft, (tokens - 1) / (end - first)
 
 
+def bench_generate_batch(ckpt, prompt_ids: list[int], tokens: int, streams: int) -> float:
+    """-> aggregate decode tokens/s of one batched `generate` over `streams` copies of the prompt."""
+    ids = torch.tensor([prompt_ids] * streams)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        ckpt.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                            do_sample=False, pad_token_id=ckpt.tokenizer.pad_token_id or 0)
+    return streams * tokens / (time.perf_counter() - start)
+
+
+def bench_split_concurrent(base_url: str, eos_ids: list[int], tokens: int, streams: int) -> float:
+    """-> aggregate tokens/s of `streams` simultaneous streams (the core batches their steps)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(lambda _: bench_split(base_url, eos_ids, tokens), range(streams)))
+    return streams * tokens / (time.perf_counter() - start)
+
+
 def _histogram_mean(metrics: str, name: str) -> tuple[float, float]:
     total = float(re.search(rf"^{name}_sum (\S+)$", metrics, re.M).group(1))
     count = float(re.search(rf"^{name}_count (\S+)$", metrics, re.M).group(1))
@@ -119,6 +139,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=8, help="concurrent streams for the throughput part")
     parser.add_argument("--checkpoint", default=None, help="HF folder or GGUF (default: bundled SmolLM2)")
     parser.add_argument("--out", default="bench/results/split_vs_generate.json")
     args = parser.parse_args()
@@ -134,6 +155,8 @@ def main() -> int:
     ttft_a = statistics.median(r[0] for r in runs_a)
     tps_a = statistics.median(r[1] for r in runs_a)
     print(f"(a) transformers generate: ttft {ttft_a * 1000:.1f} ms, decode {tps_a:.1f} tok/s", flush=True)
+    batch_a = bench_generate_batch(ckpt, prompt_ids, args.tokens, args.streams)
+    print(f"(a) transformers generate, batch of {args.streams}: {batch_a:.1f} tok/s in all", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -151,6 +174,7 @@ def main() -> int:
             before = httpx.get(pair.edge.url + "/metrics").text
             runs_b = [bench_split(pair.base_url, eos_ids, args.tokens) for _ in range(args.repeats)]
             costs = per_token_costs(pair.edge.url, before, d)
+            batch_b = bench_split_concurrent(pair.base_url, eos_ids, args.tokens, args.streams)
         finally:
             pair.stop()
     ttft_b = statistics.median(r[0] for r in runs_b)
@@ -158,9 +182,13 @@ def main() -> int:
     print(f"(b) Veil split path (edge + core on loopback): ttft {ttft_b * 1000:.1f} ms, decode {tps_b:.1f} tok/s")
     print(f"ratio b/a: decode {tps_b / tps_a:.2f}x, time to first token {ttft_a / ttft_b:.2f}x (higher is faster)")
     print("split path per token: " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()))
+    print(f"{args.streams} concurrent streams: Veil {batch_b:.1f} tok/s in all (continuous batching) vs batched "
+          f"generate {batch_a:.1f} tok/s: ratio {batch_b / batch_a:.2f}x")
     result = {"tokens": args.tokens, "repeats": args.repeats, "generate": {"ttft_s": ttft_a, "decode_tok_s": tps_a},
               "split": {"ttft_s": ttft_b, "decode_tok_s": tps_b}, "decode_ratio": tps_b / tps_a,
-              "ttft_ratio": ttft_a / ttft_b, "per_token_ms": costs}
+              "ttft_ratio": ttft_a / ttft_b, "per_token_ms": costs,
+              "concurrent": {"streams": args.streams, "generate_batch_tok_s": batch_a, "split_tok_s": batch_b,
+                             "ratio": batch_b / batch_a}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

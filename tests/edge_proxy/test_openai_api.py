@@ -205,3 +205,9 @@ def test_core_unreachable_is_503(smol_bundles, key_file, tmp_path) -> None:
             assert exc.value.status_code == 503
     finally:
         edge.stop()
+
+
+def test_oversized_body_is_413(smol_servers) -> None:
+    big = {"model": SMOL_NAME, "messages": [{"role": "user", "content": "x" * (5 * 1024 * 1024)}]}
+    r = _post(smol_servers, big)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
