@@ -128,3 +128,22 @@ def test_more_noise_moves_greedy_output_away(tiny_bundles, key_file: Path) -> No
     core_seen = InProcessCore(core)
     _greedy(model, core_seen, ids, 2, NoiseSpec(rho=1.0))
     assert not torch.allclose(core_seen.received[0], model.embed(ids), atol=1e-3), "the core sees noised states"
+
+
+def test_a_core_that_loses_the_session_costs_a_re_prefill_not_the_answer(layered, key_file: Path) -> None:
+    ckpt, edge, core = layered["llama"]
+    model = EdgeModel.load(edge, KeySource(key_file=key_file))
+    ids = render_prompt(ckpt.tokenizer, [{"role": "user", "content": PROMPTS[1]}])
+    clean = _greedy(model, InProcessCore(core), ids, 12)
+
+    class ForgetfulCore(InProcessCore):
+        """Drops every session after its fourth step, as an idle expiry or a core restart would."""
+
+        async def step(self, req):
+            if len(self.received) == 4:
+                self.table.close(req.session)
+            return await super().step(req)
+
+    forgetful = ForgetfulCore(core)
+    assert _greedy(model, forgetful, ids, 12) == clean
+    assert forgetful.received[5].shape[0] > 1, "the lost session was rebuilt from the edge's history"
