@@ -27,7 +27,7 @@ from edge_proxy.generate import Completion, Engine
 from edge_proxy.metrics import EdgeMetrics
 from edge_proxy.outgoing import NoiseSpec
 from edge_proxy.schemas import parse_chat_request
-from veil.errors import NotFound, PolicyViolation, ServiceUnavailable, VeilError
+from veil.errors import NotFound, ServiceUnavailable, VeilError
 from veil.http import EXCEPTION_HANDLERS
 from veil.settings import Settings
 
@@ -110,12 +110,12 @@ async def chat_completions(request: Request[Any, Any, EdgeState], state: EdgeSta
     decision = await state.gate.admit(principal, len(prompt_ids) + max_new, rid)
     try:
         redacted = state.gate.guard_prompt(principal, chat.messages, rid)
-    except PolicyViolation:
-        await state.gate.settle(principal, rid, 0)
+        if redacted is not None:
+            prompt_ids = render_prompt(state.model.tokenizer, redacted)
+        done = Completion(len(prompt_ids), engine.budget(len(prompt_ids), chat.max_tokens))
+    except VeilError:
+        await state.gate.settle(principal, rid, 0)  # refused before the core saw anything: release the reservation
         raise
-    if redacted is not None:
-        prompt_ids = render_prompt(state.model.tokenizer, redacted)
-    done = Completion(prompt_tokens=len(prompt_ids), max_new_tokens=engine.budget(len(prompt_ids), chat.max_tokens))
     ids = shapes.ChatIds(f"chatcmpl-{secrets.token_hex(12)}", chat.model, f"fp_veil_{state.model.spec.bundle_id[:8]}")
     privacy = state.settings.privacy
     noise = NoiseSpec(rho=privacy.noise_rho if principal.noise_rho is None else principal.noise_rho,
