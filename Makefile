@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install up test test-fast bench clean
+.PHONY: install up lint test test-fast bench clean
 
 $(STAMP): pyproject.toml tests/helm/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,10 @@ install: $(STAMP)
 up: install
 	$(VENV)/bin/veil up
 
-test: install
+lint: install
+	$(PY) -m ruff check .
+
+test: install lint
 	bash scripts/ensure_redis.sh
 	bash scripts/install_helm_tools.sh
 	$(PY) -m pytest -q -ra
