@@ -51,6 +51,9 @@ class GuardrailCreate:
     terms: list[str] = dataclasses.field(default_factory=list)
     applies_to: list[str] = dataclasses.field(default_factory=lambda: ["prompt"])
     description: str = ""
+    entities: list[str] = dataclasses.field(default_factory=list)
+    label: str = ""
+    protection: str = "placeholder"
 
 
 def _rid(request: Request) -> str | None:
@@ -126,7 +129,7 @@ async def list_guardrails(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": request.app.state.policy.list_guardrails()}
 
 
-@post("/guardrails", status_code=201, summary="Add a guardrail rule (block or redact; prompt and/or output)")
+@post("/guardrails", status_code=201, summary="Add a guardrail rule (block, redact or protect; prompt and/or output)")
 async def add_guardrail(request: Request, data: GuardrailCreate) -> dict[str, Any]:
     who = await _caller(request, Scope.ADMIN)
     rule = request.app.state.policy.add_guardrail(dataclasses.asdict(data))

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from admin.guardrails import ACTIONS, DEFAULT_ENTITIES, PROTECTIONS
 from veil.errors import VeilError
 from veil.settings import Settings
 
@@ -24,6 +25,14 @@ def _duration(text: str) -> int:
 
 def _limit(text: str) -> int | None:
     return None if text in ("none", "unlimited", "0") else int(text)
+
+
+def _rule_matcher(rule: dict[str, Any]) -> str:
+    """What a rule matches, without echoing its terms or pattern (they may be the sensitive values)."""
+    if rule.get("entities"):
+        return "entities " + ",".join(rule["entities"])
+    what = "pattern" if rule["pattern"] else f"{len(rule['terms'])} terms"
+    return f"{what} -> <{rule['label']}_n>" if rule.get("action") == "protect" else what
 
 
 def add_parser(sub: Any) -> None:
@@ -55,8 +64,13 @@ def add_parser(sub: Any) -> None:
     gadd.add_argument("--id", default=None, help="rule id (default: generated)")
     what = gadd.add_mutually_exclusive_group(required=True)
     what.add_argument("--pattern", help="a regular expression")
-    what.add_argument("--terms", help="comma-separated blocklist terms")
-    gadd.add_argument("--action", choices=["block", "redact"], required=True)
+    what.add_argument("--terms", help="comma-separated terms (blocklist, or values to protect)")
+    what.add_argument("--entities", help="protect only: comma-separated built-in entity types, or 'default' for "
+                                         f"{','.join(DEFAULT_ENTITIES)}")
+    gadd.add_argument("--action", choices=list(ACTIONS), required=True)
+    gadd.add_argument("--label", default="", help="protect: placeholder type of a pattern/terms rule, e.g. PERSON")
+    gadd.add_argument("--protection", choices=list(PROTECTIONS), default="placeholder",
+                      help="protect: replace spans by placeholders (default) or send them under heavy noise")
     gadd.add_argument("--applies-to", default="prompt", help="prompt, output or prompt,output")
     gadd.add_argument("--description", default="")
     guard.add_parser("list")
@@ -125,13 +139,18 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         body = {"id": args.id or f"rule-{secrets.token_hex(3)}", "action": args.action,
                 "pattern": args.pattern or "", "terms": [t for t in (args.terms or "").split(",") if t],
                 "applies_to": [t for t in args.applies_to.split(",") if t], "description": args.description}
+        if args.entities:
+            entities = [e.strip() for e in args.entities.split(",") if e.strip()]
+            body["entities"] = DEFAULT_ENTITIES if entities == ["default"] else entities
+        if args.action == "protect":
+            body.update(label=args.label, protection=args.protection)
         out = call("POST", "/admin/v1/guardrails", body)
-        text = f"added guardrail {out['id']} ({out['action']} on {','.join(out['applies_to'])})"
+        how = f"{out['action']} ({out['protection']})" if out["action"] == "protect" else out["action"]
+        text = f"added guardrail {out['id']} ({how} on {','.join(out['applies_to'])})"
     elif g == "guardrails" and a == "list":
         out = call("GET", "/admin/v1/guardrails")
-        text = "\n".join(f"{r['id']}  {r['action']:<7} {','.join(r['applies_to']):<14} "
-                         f"{'pattern' if r['pattern'] else str(len(r['terms'])) + ' terms'}  {r['description']}"
-                         for r in out["data"]) or "no guardrails"
+        text = "\n".join(f"{r['id']}  {r['action']:<7} {','.join(r['applies_to']):<14} {_rule_matcher(r)}  "
+                         f"{r['description']}" for r in out["data"]) or "no guardrails"
     elif g == "guardrails" and a == "remove":
         out = call("DELETE", f"/admin/v1/guardrails/{args.rule_id}")
         text = f"removed guardrail {args.rule_id}"

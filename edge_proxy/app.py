@@ -19,14 +19,15 @@ from admin.plane import PolicyPlane, build_plane
 from admin.principal import Principal, Scope
 from admin.ratelimit import rate_limit_headers
 from edge_proxy import openai_shapes as shapes
-from edge_proxy.chat_template import render_prompt
+from edge_proxy.chat_template import render_prompt, render_with_positions
 from edge_proxy.core_client import CoreTransport, HttpCoreTransport
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.gatekeeper import Gatekeeper
 from edge_proxy.generate import Completion, Engine
 from edge_proxy.metrics import EdgeMetrics
-from edge_proxy.outgoing import NoiseSpec
+from edge_proxy.outgoing import NoiseSpec, SpanNoise
 from edge_proxy.schemas import parse_chat_request
+from edge_proxy.spans.restore import PlaceholderRestorer
 from veil.errors import NotFound, ServiceUnavailable, VeilError
 from veil.http import EXCEPTION_HANDLERS
 from veil.settings import Settings
@@ -108,25 +109,34 @@ async def chat_completions(request: Request[Any, Any, EdgeState], state: EdgeSta
     prompt_ids = render_prompt(state.model.tokenizer, chat.messages)
     max_new = engine.budget(len(prompt_ids), chat.max_tokens)
     decision = await state.gate.admit(principal, len(prompt_ids) + max_new, rid)
+    privacy = state.settings.privacy
+    span_noise, restorer = None, None
     try:
-        redacted = state.gate.guard_prompt(principal, chat.messages, rid)
-        if redacted is not None:
-            prompt_ids = render_prompt(state.model.tokenizer, redacted)
+        messages = state.gate.guard_prompt(principal, chat.messages, rid) or chat.messages
+        protected = await anyio.to_thread.run_sync(state.gate.protect_prompt, principal, messages, rid)
+        if protected is not None:
+            prompt_ids, positions = render_with_positions(state.model.tokenizer, protected.messages, protected.noisy)
+            span_noise = SpanNoise(positions, privacy.span_noise_rho) if positions else None
+            restorer = PlaceholderRestorer(protected.mapping) if protected.mapping else None
+        elif messages is not chat.messages:
+            prompt_ids = render_prompt(state.model.tokenizer, messages)
         done = Completion(len(prompt_ids), engine.budget(len(prompt_ids), chat.max_tokens))
     except VeilError:
         await state.gate.settle(principal, rid, 0)  # refused before the core saw anything: release the reservation
         raise
     ids = shapes.ChatIds(f"chatcmpl-{secrets.token_hex(12)}", chat.model, f"fp_veil_{state.model.spec.bundle_id[:8]}")
-    privacy = state.settings.privacy
     noise = NoiseSpec(rho=privacy.noise_rho if principal.noise_rho is None else principal.noise_rho,
                       clip=privacy.noise_clip or None)
-    deltas = state.gate.guard_output(principal, engine.run(prompt_ids, chat.sampling, chat.stop, done, rid, noise),
-                                     done, rid)
+    generated = engine.run(prompt_ids, chat.sampling, chat.stop, done, rid, noise, span_noise, restorer)
+    deltas = state.gate.guard_output(principal, generated, done, rid)
     headers = {"x-request-id": rid, **rate_limit_headers(decision)}
 
     async def finished(status: str) -> None:
         await state.gate.settle(principal, rid, done.prompt_tokens + done.completion_tokens)
         m = state.metrics
+        if restorer is not None:
+            m.placeholders.labels(outcome="restored").inc(restorer.restored)
+            m.placeholders.labels(outcome="mangled").inc(restorer.mangled)
         m.requests.labels(status=status).inc()
         m.prompt_tokens.inc(done.prompt_tokens)
         m.completion_tokens.inc(done.completion_tokens)
@@ -206,7 +216,7 @@ def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None 
     edge_metrics = EdgeMetrics()
     state = EdgeState({"settings": settings, "model": model, "core": transport, "engine": None,
                        "metrics": edge_metrics, "core_verified": False, "plane": plane,
-                       "gate": Gatekeeper(plane, edge_metrics),
+                       "gate": Gatekeeper(plane, edge_metrics, settings.privacy.ner_model),
                        "auth": plane.auth, "policy": plane.policy, "audit": plane.audit})
 
     async def on_startup(app: Litestar) -> None:
@@ -214,6 +224,10 @@ def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None 
             await _verify_core(state)
         except VeilError as exc:
             log.warning("core not verified at start-up code=%s; will retry per request", exc.code)
+        try:  # build the recognizers of the protect rules now, not on the first request
+            await anyio.to_thread.run_sync(state.gate.detector)
+        except VeilError as exc:
+            log.warning("span protection not ready at start-up code=%s", exc.code)
 
     async def on_shutdown(app: Litestar) -> None:
         await transport.aclose()

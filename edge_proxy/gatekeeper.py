@@ -1,4 +1,4 @@
-"""The policy stages of a request at the edge: auth -> scope -> rate limit -> guardrails.
+"""The policy stages of a request at the edge: auth -> scope -> rate limit -> guardrails -> span protection.
 
 Every rejection is counted (by key id or reason, never by secret) and written to the audit log.
 """
@@ -8,17 +8,30 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 from admin.auth import require
+from admin.guardrails import Guardrails
 from admin.plane import PolicyPlane
 from admin.principal import Principal, Scope
 from admin.ratelimit import RateDecision, rate_limit_headers
 from edge_proxy.generate import Completion
 from edge_proxy.metrics import EdgeMetrics
+from edge_proxy.spans.detect import SpanDetector
+from edge_proxy.spans.protect import ProtectedPrompt, protect
 from veil.errors import AuthenticationFailed, PolicyViolation, RateLimited
 
 
 class Gatekeeper:
-    def __init__(self, plane: PolicyPlane, metrics: EdgeMetrics):
-        self.plane, self.metrics = plane, metrics
+    def __init__(self, plane: PolicyPlane, metrics: EdgeMetrics, ner_model: str = ""):
+        self.plane, self.metrics, self.ner_model = plane, metrics, ner_model
+        self._detector: tuple[Guardrails, SpanDetector] | None = None
+
+    def detector(self) -> SpanDetector:
+        """The protect rules of the current policy version, compiled once per version."""
+        rails = self.plane.policy.guardrails()
+        if self._detector is None or self._detector[0] is not rails:
+            detector = SpanDetector(rails.protect_rules, self.ner_model)
+            detector.warm()
+            self._detector = (rails, detector)
+        return self._detector[1]
 
     def _audit(self, event: str, **fields: Any) -> None:
         if self.plane.audit is not None:
@@ -69,6 +82,22 @@ class Gatekeeper:
             return None
         self._audit("policy.redact", actor=principal.key_id, request_id=rid, rules=",".join(fired))
         return redacted
+
+    def protect_prompt(self, principal: Principal, messages: list[dict[str, str]], rid: str) -> ProtectedPrompt | None:
+        """Spans the protect rules find, replaced by placeholders or marked for noise; None if none found.
+        Counted by type and audited by rule id; the values and the mapping never leave this object."""
+        detector = self.detector()
+        if not detector.active:
+            return None
+        protected = protect(detector, messages)
+        if not protected.changed:
+            return None
+        for _, span in protected.spans:
+            self.metrics.protected_spans.labels(label=span.label, protection=span.protection).inc()
+        rules = sorted({span.rule_id for _, span in protected.spans})
+        self._audit("policy.protect", actor=principal.key_id, request_id=rid, rules=",".join(rules),
+                    spans=len(protected.spans))
+        return protected
 
     async def guard_output(self, principal: Principal, deltas: AsyncIterator[str], done: Completion,
                            rid: str) -> AsyncIterator[str]:

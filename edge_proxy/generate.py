@@ -16,8 +16,9 @@ from edge_proxy.core_client import CoreTransport
 from edge_proxy.detokenize import IncrementalDetokenizer, StopMatcher
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.metrics import EdgeMetrics
-from edge_proxy.outgoing import NoiseSpec, OutgoingStates
+from edge_proxy.outgoing import NoiseSpec, OutgoingStates, SpanNoise
 from edge_proxy.sampling import Sampler, SamplingParams
+from edge_proxy.spans.restore import PlaceholderRestorer
 from veil.errors import ContextLengthExceeded, NotFound
 from veil.wire import StepRequest
 
@@ -88,13 +89,19 @@ class Engine:
         return token
 
     async def run(self, prompt_ids: list[int], params: SamplingParams, stops: list[str], done: Completion,
-                  rid: str, noise: NoiseSpec = NoiseSpec()) -> AsyncIterator[str]:
-        """Yield text deltas; `done` holds counts and the finish reason once the iterator ends."""
+                  rid: str, noise: NoiseSpec = NoiseSpec(), span_noise: SpanNoise | None = None,
+                  restorer: PlaceholderRestorer | None = None) -> AsyncIterator[str]:
+        """Yield text deltas; `done` holds counts and the finish reason once the iterator ends.
+
+        Text goes detokenizer -> placeholder restorer -> stop matcher, so stop strings and
+        what the client sees are both about the restored text.
+        """
         session = secrets.token_hex(16)
-        outgoing = OutgoingStates(self.model, noise)
+        outgoing = OutgoingStates(self.model, noise, span_noise=span_noise)
         sampler = Sampler(params, self.model.vocab_size)
         detok = IncrementalDetokenizer(self.model.tokenizer, prompt_ids)
         stop = StopMatcher(stops)
+        restore = (lambda text: text) if restorer is None else restorer.feed
         history, pending, offset = list(prompt_ids), list(prompt_ids), 0
         try:
             while True:
@@ -109,7 +116,7 @@ class Engine:
                     done.finish_reason = "stop"
                     break
                 history.append(token)
-                text, stopped = stop.feed(detok.push(token))
+                text, stopped = stop.feed(restore(detok.push(token)))
                 if text:
                     yield text
                 if stopped:
@@ -119,7 +126,7 @@ class Engine:
                     done.finish_reason = "length"
                     break
                 pending = [token]
-            text, stopped = stop.feed(detok.flush())
+            text, stopped = stop.feed(restore(detok.flush()) + (restorer.flush() if restorer else ""))
             tail = text if stopped else text + stop.flush()
             if tail:
                 yield tail

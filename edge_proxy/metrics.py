@@ -25,5 +25,11 @@ class EdgeMetrics:
                                     ["key_id", "limit"], registry=r)
         self.policy_blocks = Counter("veil_edge_policy_blocks_total", "Guardrail blocks by key id and rule",
                                      ["key_id", "rule"], registry=r)
+        self.protected_spans = Counter("veil_edge_protected_spans_total",
+                                       "Prompt spans kept at the edge by protect rules, by placeholder type and mode",
+                                       ["label", "protection"], registry=r)
+        self.placeholders = Counter("veil_edge_placeholders_total",
+                                    "Placeholders in replies: restored, or mangled by the model (never guessed)",
+                                    ["outcome"], registry=r)
         self.head = Histogram("veil_edge_head_seconds", "Final norm, LM head and sampling per token",
                               registry=r, buckets=_FAST)

@@ -25,12 +25,25 @@ class NoiseSpec:
         assert self.rho >= 0 and (self.clip is None or self.clip > 0)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpanNoise:
+    """Heavier noise on chosen prompt positions (protect rules with protection=noise)."""
+
+    positions: frozenset[int]
+    rho: float  # these positions get sigma = max(request sigma, rho * rms(embedding matrix))
+
+    def __post_init__(self) -> None:
+        assert self.rho > 0
+
+
 class OutgoingStates:
     """One request's outgoing stream; keeps the edge-held blocks' KV cache between calls."""
 
-    def __init__(self, model: EdgeModel, noise: NoiseSpec, generator: torch.Generator | None = None):
-        self.model, self.noise = model, noise
+    def __init__(self, model: EdgeModel, noise: NoiseSpec, generator: torch.Generator | None = None,
+                 span_noise: SpanNoise | None = None):
+        self.model, self.noise, self.span_noise = model, noise, span_noise
         self.sigma = noise.rho * model.embedding_rms
+        self.span_sigma = 0.0 if span_noise is None else max(self.sigma, span_noise.rho * model.embedding_rms)
         # fresh per request; tests pass a seeded generator
         self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
         stack = model.edge_stack
@@ -43,8 +56,9 @@ class OutgoingStates:
         if self.noise.clip is not None:
             norms = x.norm(dim=-1, keepdim=True)
             x = x * torch.clamp(self.noise.clip / norms, max=1.0)
-        if self.sigma > 0:
-            x = x + self.sigma * torch.randn(x.shape, generator=self.generator)
+        sigma = self._sigmas(len(ids), offset)
+        if sigma is not None:
+            x = x + sigma * torch.randn(x.shape, generator=self.generator)
         if self.session is None:
             return x
         stack, n = self.model.edge_stack, len(ids)
@@ -54,3 +68,13 @@ class OutgoingStates:
         out = stack.forward(x, [Segment(self.session, offset, 0, n)])
         self.session.length = offset + n
         return out
+
+    def _sigmas(self, n: int, offset: int) -> torch.Tensor | float | None:
+        """Noise scale per row ([n, 1]), a scalar, or None for no noise."""
+        span = self.span_noise
+        marked = [] if span is None else [i for i in range(n) if offset + i in span.positions]
+        if not marked:
+            return self.sigma if self.sigma > 0 else None
+        sigma = torch.full((n, 1), self.sigma)
+        sigma[marked] = self.span_sigma
+        return sigma

@@ -98,6 +98,8 @@ class AdminClientSettings:
 class PrivacySettings:
     noise_rho: float = 0.0  # Gaussian noise on each embedding, sigma = rho * rms(embedding matrix); per key too
     noise_clip: float = 0.0  # L2 clip of each embedding before the noise; 0 = no clipping
+    span_noise_rho: float = 3.0  # noise on spans of protect rules with protection=noise (sigma = rho * rms)
+    ner_model: str = ""  # spaCy pipeline (package or folder) for PERSON; empty = an installed en_core_web_*
 
 
 @dataclasses.dataclass(slots=True)
@@ -129,6 +131,8 @@ class Settings:
             raise ConfigError("core.device must be one of auto, cpu, cuda")
         if self.privacy.noise_rho < 0 or self.privacy.noise_clip < 0:
             raise ConfigError("privacy.noise_rho and privacy.noise_clip must be >= 0")
+        if self.privacy.span_noise_rho <= 0:
+            raise ConfigError("privacy.span_noise_rho must be > 0")
 
     # Derived paths live here so every command agrees on them.
     def model_home(self) -> Path:

@@ -179,6 +179,35 @@ def test_cli_manages_keys_limits_guardrails_and_audit(cluster) -> None:
     assert exported["version"] >= 1 and "keys" in exported["payload"]
 
 
+def test_cli_manages_protect_rules_and_the_edge_applies_them(cluster) -> None:
+    email = "kenji.takahashi@northwind.com"
+    added = _veil_admin(cluster, "guardrails", "add", "--id", "pii", "--action", "protect", "--entities",
+                        "EMAIL_ADDRESS,CREDIT_CARD")
+    assert added.returncode == 0 and "protect (placeholder)" in added.stdout, added.stderr
+    assert _veil_admin(cluster, "guardrails", "add", "--id", "crm", "--action", "protect", "--terms", "Kenji Takahashi",
+                       "--label", "PERSON", "--protection", "noise").returncode == 0
+    listed = _veil_admin(cluster, "guardrails", "list").stdout
+    assert "entities EMAIL_ADDRESS,CREDIT_CARD" in listed and "1 terms -> <PERSON_n>" in listed
+    assert "Kenji" not in listed, "the list never echoes the protected values"
+    bad = _veil_admin(cluster, "guardrails", "add", "--action", "protect", "--entities", "SHOE_SIZE")
+    assert bad.returncode != 0 and "unknown entity 'SHOE_SIZE'" in bad.stderr
+    _, secret = _new_key(cluster["edges"][1])
+    reply = _client(cluster["edges"][1], secret).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": f"Mail Kenji Takahashi at {email}"}], max_tokens=4)
+    assert reply.choices[0].message.content is not None
+    events = json.loads(_veil_admin(cluster, "--json", "audit", "tail", "-n", "20").stdout)["data"]
+    protect = [e for e in events if e["event"] == "policy.protect"]
+    assert protect and protect[-1]["rules"] == "crm,pii" and protect[-1]["spans"] == 2
+    metrics = httpx.get(cluster["edges"][1].url + "/metrics").text
+    assert 'veil_edge_protected_spans_total{label="EMAIL",protection="placeholder"} 1.0' in metrics
+    assert 'veil_edge_protected_spans_total{label="PERSON",protection="noise"} 1.0' in metrics
+    everything = (Path(cluster["tmp"]) / "audit.log").read_text() + metrics + "".join(
+        s.log() for s in cluster["edges"])
+    assert email not in everything and "Takahashi" not in everything
+    for rule in ("pii", "crm"):
+        assert _veil_admin(cluster, "guardrails", "remove", rule).returncode == 0
+
+
 def test_audit_records_failures_and_no_secret_reaches_logs_metrics_or_errors(cluster) -> None:
     a, b = cluster["edges"]
     key_id, secret = _new_key(a, rpm=1)

@@ -1,0 +1,1 @@
+"""Span protection: find sensitive spans, keep them at the edge, restore them in the reply."""
