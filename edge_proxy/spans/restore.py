@@ -43,7 +43,8 @@ class PlaceholderRestorer:
         emitted unchanged, never guessed;
       * a known placeholder's inner text standing as a whole word outside a complete placeholder,
         where `\\w` characters make up words: bare `EMAIL_1`, `EMAIL_1>`, or `<EMAIL_1` whose `>`
-        never came (cut off at the end of the stream, or followed by a space).
+        never came (followed by a space);
+      * a fragment of a known placeholder cut off at the end of the stream, which is dropped.
     """
 
     def __init__(self, mapping: dict[str, str]):
@@ -81,9 +82,15 @@ class PlaceholderRestorer:
         return "".join(out)
 
     def flush(self) -> str:
-        """End of stream: the held-back tail can no longer complete, so it goes out as it is."""
-        out = self._model_text(self._pending)
-        self._pending = ""
+        """End of stream: the held-back tail can no longer complete. A fragment of a known placeholder
+        (the token limit cut it, as in `<EMAIL_1`) is dropped and counted as mangled, so the client never
+        sees part of a placeholder; any other tail (`a <`, `<X_9`) goes out as it is."""
+        tail, self._pending = self._pending, ""
+        if len(tail) > 1 and any(key.startswith(tail) for key in self._mapping):
+            self._word = ""
+            self.mangled += 1
+            return ""
+        out = self._model_text(tail)
         self._end_word()
         return out
 
