@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 ATTACKS = [("A_lookup", "A lookup"), ("B_l2", "B L2"), ("B_cosine", "B cos"), ("C_lm_prior", "C LM prior"),
-           ("D_layer_match", "D match"), ("D_inverter", "D inverter")]
+           ("D_layer_match", "D match"), ("D_inverter", "D inverter"), ("F_norm", "F norm (wire)")]
 
 
 def _pct(e: dict[str, Any] | None) -> str:
@@ -49,16 +49,17 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "## Best attack, replies, utility and cost",
         "",
-        "| setting | best attack | exact prompt % | canaries % | E: reply read back % | top-1 agreement % | "
-        "greedy exact@32 % | log-lik gap (nats/token) | edge ms/token |",
-        "|---" * 9 + "|",
+        "| setting | best attack | exact prompt % | canaries % | E: reply read back % | F: reply from norms % | "
+        "top-1 agreement % | greedy exact@32 % | log-lik gap (nats/token) | edge ms/token |",
+        "|---" * 10 + "|",
     ]
     for r in rows:
         best = r["attacks"][r["best_attack"]]
         u = r["utility"]
         label = dict(ATTACKS)[r["best_attack"]]
         lines.append(f"| {r['setting']['name']} | {label} | {_pct(best['exact_prompt'])} | {_pct(best['canary'])} | "
-                     f"{_pct(r['reply']['E_readback'])} | {_pct(u['top1_agreement'])} | {_pct(u['greedy_exact'])} | "
+                     f"{_pct(r['reply']['E_readback'])} | {_pct(r['reply'].get('F_norm'))} | "
+                     f"{_pct(u['top1_agreement'])} | {_pct(u['greedy_exact'])} | "
                      f"{_num(u['loglik_gap'])} | {r['latency']['decode_ms_per_token']:.2f} |")
     lines += [
         "",
@@ -66,7 +67,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"largest distance between two embeddings ({doc['max_embedding_distance']:.3f}) or 2·clip when clipped; "
         "∞ means no noise. Edge-held layers are post-processing and leave ε unchanged. Q̂ error is "
         "‖Q̂ − Q‖/‖Q‖ of the Procrustes estimate. Edge ms/token is the time in OutgoingStates per "
-        "generated token (embedding, noise, edge-held blocks).",
+        "generated token (embedding, noise, edge-held blocks). Attacks A-E are the core operator's; F is a "
+        "wire observer's (step payloads and the public model only, no core bundle): it matches each vector's "
+        "norm, which the rotation preserves, and reads the reply from the generated tokens fed back.",
         "",
     ]
     return "\n".join(lines)

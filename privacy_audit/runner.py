@@ -21,7 +21,7 @@ from core_server.decoder import DecoderStack
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.outgoing import NoiseSpec
 from privacy_audit import metrics
-from privacy_audit.attacks import key_recovery, layer_match, lm_prior, nearest, reply
+from privacy_audit.attacks import key_recovery, layer_match, lm_prior, nearest, norm_match, reply
 from privacy_audit.knowledge import Knowledge, PublicModel
 from privacy_audit.prompts import load_prompts
 from privacy_audit.trace import Encoded, Reference, encode, reference_replies, trace_setting
@@ -134,6 +134,7 @@ class Audit:
             cands = nearest.candidates(op, obs, cfg.top_m if use_c else 1)
             recovered["B_l2"] = [c.ids[:, 0].tolist() for c in cands]
             recovered["B_cosine"] = [c.cosine.tolist() for c in cands]
+            recovered["F_norm"] = norm_match.prompts(op, obs)
         if use_c:
             recovered["C_lm_prior"] = lm_prior.decode(op, obs, beam=cfg.beam, top_m=cfg.top_m, cands=cands)
         if s.edge_layers:
@@ -157,13 +158,23 @@ class Audit:
             "rotation_error": q_err,
             "attacks": attacks,
             "best_attack": best,
-            "reply": {"E_readback": metrics.bootstrap(metrics.reply_recovery(replies, [t.reply_ids for t in traces]),
-                                                      cfg.seed).as_dict()},
+            "reply": self._reply_scores(op, obs, traces, replies),
             "utility": _as_dicts(metrics.utility(traces, self.references, cfg.seed)),
             "latency": metrics.latency(traces),
             "seconds": {"trace": traced - started, "attacks": attacked - traced},
             "prompts": len(self.encoded),
         }
+
+
+    def _reply_scores(self, op: Knowledge, obs: list, traces: list, readback: list[list[int]]) -> dict[str, Any]:
+        """E (operator: head on returned states) and, without edge layers, F (wire: norms of fed-back tokens)."""
+        seed = self.config.seed
+        out = {"E_readback": metrics.bootstrap(metrics.reply_recovery(readback, [t.reply_ids for t in traces]),
+                                               seed).as_dict()}
+        if op.edge_layers == 0:
+            sent = [t.reply_ids[:-1] for t in traces]  # the last token is never fed back
+            out["F_norm"] = metrics.bootstrap(metrics.reply_recovery(norm_match.replies(op, obs), sent), seed).as_dict()
+        return out
 
 
 def _as_dicts(d: dict[str, metrics.Estimate]) -> dict[str, dict[str, Any]]:
