@@ -46,6 +46,9 @@ def test_without_defense_key_recovery_lookup_and_reply_readback_are_near_total(q
     assert r["attacks"]["B_l2"]["token_recovery"]["mean"] >= 0.95
     assert r["reply"]["E_readback"]["mean"] >= 0.95
     assert r["attacks"]["A_lookup"]["canary"]["mean"] >= 0.95
+    # a wire observer without the core bundle reads prompt and reply from vector norms alone
+    assert r["attacks"]["F_norm"]["token_recovery"]["mean"] >= 0.95
+    assert r["reply"]["F_norm"]["mean"] >= 0.95
 
 
 def test_lm_prior_decoding_recovers_at_least_nearest_neighbour_at_every_noise_level(quick) -> None:
