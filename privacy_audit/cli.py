@@ -70,13 +70,20 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     from privacy_audit import report
     from privacy_audit.prompts import load_prompts
     from privacy_audit.runner import run_audit, sizes
+    from privacy_audit.span_audit import SpanConfig, run_span_audit
+    from privacy_audit.span_audit import sizes as span_sizes
+    from privacy_audit.span_canaries import load_span_prompts
     from veil.checkpoint import bundled_model_path, load_checkpoint
 
     config = config_from_args(args)
+    span_kw: dict[str, Any] = dict(seed=config.seed, span_rho=settings.privacy.span_noise_rho,
+                                   ner_model=settings.privacy.ner_model)
+    span_config = SpanConfig.quick(**span_kw) if args.quick else SpanConfig(**span_kw)
     started = time.perf_counter()
     source = args.checkpoint or settings.model.checkpoint or bundled_model_path()
     ckpt = load_checkpoint(source)
-    bar = tqdm(total=sizes(config, len(load_prompts())), unit="step", desc="audit-privacy", file=sys.stderr)
+    total = sizes(config, len(load_prompts())) + span_sizes(span_config, len(load_span_prompts()))
+    bar = tqdm(total=total, unit="step", desc="audit-privacy", file=sys.stderr)
 
     def progress(stage: str, n: int) -> None:
         bar.set_description(stage, refresh=False)
@@ -84,6 +91,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         doc = run_audit(ckpt, config, progress)
+        doc["span_protection"] = run_span_audit(ckpt, span_config, progress)
     finally:
         bar.close()
     paths = report.write(doc, config.out)

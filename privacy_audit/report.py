@@ -72,6 +72,10 @@ def markdown(doc: dict[str, Any]) -> str:
         "norm, which the rotation preserves, and reads the reply from the generated tokens fed back.",
         "",
     ]
+    if "span_protection" in doc:
+        from privacy_audit.span_audit import span_markdown
+
+        lines.append(span_markdown(doc["span_protection"]))
     return "\n".join(lines)
 
 

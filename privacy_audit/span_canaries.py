@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 DATA_FILE = Path(__file__).parent / "data" / "span_prompts.jsonl"
-DEFAULT_COUNT = 180
+DEFAULT_COUNT = 210
 DEFAULT_SEED = 7
 CUSTOMER_COUNT = 400
 
@@ -69,66 +69,57 @@ class Template:
 
 
 T = Template
+_REPLY, _COPY, _REPEAT = ("Reply with the following sentence exactly: ", "Copy exactly: ",
+                          "Repeat this sentence exactly: ")
+# TASK prompts are plain copy instructions: the bundled 135M model follows these (see docs/privacy-audit.md).
 # Alternating task / non-task, so that any prefix of the set (--quick takes the first prompts) mixes both.
 TEMPLATES = [
-    T(("Write a one-line confirmation that repeats the customer's email and order number exactly.\n"
-       "Email: {email}\nOrder: {order}",), True),
+    T((_COPY + "The refund for {name} goes to {iban} this week",), True),
     T(("I'm {name}. Please write a short, polite email to {company} asking why my card {card} was charged twice "
-       "this month.",), False),
-    T(("Copy these details into the form exactly.\nName: {name}\nEmail: {email}\nPhone: {phone}",), True),
+       "this month. My email is {email}.",), False),
+    T((_COPY + "The server {ip} and the server {ip2} are down",), True),
     T(("Summarize this support ticket in one sentence: customer {name} ({email}) cannot log in since {month}, "
        "ticket {ticket}.",), False),
-    T(("Return the card number and the IBAN from this note as a JSON object with keys \"card\" and \"iban\".\n"
-       "Note: refund to card {card} failed, pay {iban} instead.",), True),
-    T(("Draft a reply to the bank. My IBAN is {iban} and the transfer to {name} never arrived. What should I "
-       "write?",), False),
-    T(("Repeat exactly the name, phone number and invoice number in this message: {name} called from {phone} "
-       "about invoice {invoice}.",), True),
+    T((_REPLY + "The payment with card {card} for order {order} failed again",), True),
+    T(("Draft a message to the bank. My IBAN is {iban} and the transfer to {name} ({email}) never arrived. What "
+       "should I write?",), False),
+    T((_COPY + "The phone number {phone} belongs to {name}",), True),
     T(("CRM note: {name} called from {phone} about invoice {invoice}. She is unhappy with the delay. Suggest "
        "three next steps.",), False),
-    T(("Extract the IP address and the ticket number, exactly as written.\nTicket {ticket}: blocked login from "
-       "{ip}.",), True, "You copy values exactly as given."),
-    T(("Explain in simple words why a login from {ip} to the account of {name} might have been blocked.",), False,
-      "You are the IT help desk of {company}."),
-    T(("Here is the customer record: {name}, {email}, account {account}.",
-       "Write the account number and the email address back to me exactly."), True),
+    T((_REPLY + "The account {account} of {name} is locked since Monday",), True),
+    T(("Explain in simple words why a login from {ip} to the account {email} of {name} might have been blocked.",),
+      False, "You are the IT help desk of {company}."),
+    T((_REPLY + "The login from {ip} used the account {email} at night",), True),
     T(("Here is a note from our CRM: {name} ({phone}) wants to close account {account}.",
        "Write a short, friendly retention message for this customer."), False),
-    T(("List these values, one per line, exactly as written: {email}, {phone}, {ip}.",), True),
+    T((_REPLY + "The card {card} of {name} was blocked by the bank",), True),
     T(("Help me write a complaint to {company}: my phone number {phone} was ported without my consent and my "
        "email {email} got a strange message.",), False),
-    T(("Fill in the payment form by copying the values exactly.\nBeneficiary: {name}\nIBAN: {iban}",), True),
+    T((_COPY + "Contact {name} on {phone} about the ticket {ticket}",), True),
     T(("Is it safe to send my IBAN {iban} and my card number {card} by email? Answer briefly.",), False),
-    T(("Repeat the following contact details exactly: {name}, {phone}, {email}.",), True),
-    T(("Write a short welcome message for our new customer {name}. Mention that we will call {phone} next week.",),
-      False, "You are a friendly assistant at {company}."),
-    T(("Copy the order number and the card number from this message exactly: order {order} was paid with card "
-       "{card}.",), True),
-    T(("Translate into French: My name is {name} and my order {order} has not arrived in {city}.",), False),
-    T(("Format as a list with name and email, copying them exactly: {name} {email}; {name2} {email2}.",), True),
+    T((_COPY + "Please transfer the deposit to {iban} and email {email} when done",), True),
+    T(("Write a short welcome message for this customer and say that we will call next week.",), False,
+      "You are a friendly assistant at {company}. Customer on file: {name}, {email}, {phone}."),
+    T((_REPLY + "The new IBAN of {name} is {iban} from next month",), True),
+    T(("Translate into French: My name is {name}, my order {order} has not arrived in {city}. Write to me at "
+       "{email}.",), False),
+    T((_REPEAT + "Please call {name} back on {phone} today",), True),
     T(("Write a meeting invite for {name} and {name2} at {company} in {city}. Replies to {email}.",), False),
-    T(("Write back exactly the two IP addresses in this log line: firewall denied {ip} -> {ip2}.",), True),
-    T(("Our server at {ip} is slow since the last update. Give me three things to check. The admin is {name}.",),
-      False),
-    T(("Repeat the invoice number, the IBAN and the email exactly: invoice {invoice}, pay to {iban}, questions to "
-       "{email}.",), True),
+    T((_REPLY + "Reference {ref} was paid from {iban} on Friday",), True),
+    T(("Our servers at {ip} and {ip2} are slow since the last update. Give me three things to check. The admin is "
+       "{name}.",), False),
+    T((_REPLY + "Your order {order} is confirmed and the receipt goes to {email} today",), True),
     T(("Write a reminder that invoice {invoice} is overdue. Pay to {iban}. Contact: {email}.",), False),
-    T(("Customer {name}, account {account}, phone {phone}.",
-       "Copy the name, account number and phone number exactly."), True),
+    T((_REPEAT + "The phone number {phone} belongs to {name}",), True),
     T(("Rewrite more formally: hi its {name}, my account {account} is locked, call me on {phone}.",), False),
-    T(("Copy exactly: cardholder {name}, card {card}.",), True, "You extract payment details for {company}."),
+    T((_REPLY + "The server {ip} and the server {ip2} are down",), True),
     T(("A customer, {name}, says her card {card} was declined in {city}. What could be the reason?",), False),
-    T(("Write one line that repeats the ticket number and the phone number exactly: ticket {ticket}, phone "
-       "{phone2}.",), True),
+    T((_COPY + "ticket {ticket} login from {ip} blocked",), True),
     T(("Make a to-do list: call {phone} about ticket {ticket}, email {email} the report, book a flight to "
        "{city}.",), False),
-    T(("Write back the reference number and the email address exactly as written.\nReference: {ref}\nEmail: "
-       "{email}",), True),
     T(("Please check the grammar: Dear {company}, I am {name} and I wish to cancel contract {ref}. My email is "
        "{email}.",), False),
-    T(("Copy the account number, the IP address and the email exactly: account {account}, last login from {ip}, "
-       "email {email}.",), True),
-    T(("Write an out-of-office reply: away until {month}; urgent matters to {name2} at {email} or {phone}.",),
+    T(("Write an out-of-office reply: away until {month}; urgent matters to {name} at {email} or {phone}.",),
       False),
 ]
 del T

@@ -22,6 +22,7 @@ class Span:
     label: str  # placeholder type, e.g. EMAIL -> <EMAIL_1>
     rule_id: str
     protection: str  # placeholder | noise
+    score: float = 1.0  # recognizer confidence (operator rules: 1.0); breaks ties between equal-length findings
 
 
 class SpanDetector:
@@ -58,13 +59,14 @@ class SpanDetector:
             found += [Span(m.start(), m.end(), rule.label, rule.id, rule.protection)
                       for m in rx.finditer(text) if m.end() > m.start()]
         for rule, recognizers in self._entity_rules:
-            found += [Span(f.start, f.end, ENTITY_LABELS[f.entity], rule.id, rule.protection)
+            found += [Span(f.start, f.end, ENTITY_LABELS[f.entity], rule.id, rule.protection, f.score)
                       for f in recognizers.find(text) if f.end > f.start]
         return _merge(found)
 
 
 def _merge(spans: list[Span]) -> list[Span]:
-    """Union of overlapping spans; the longest member names the label, rule and protection.
+    """Union of overlapping spans; the longest member (then the most confident: a dotted IP is also a weak
+    phone match) names the label, rule and protection.
 
     A merged span is noised only if every member asked for noise: placeholders hide more.
     """
@@ -76,7 +78,7 @@ def _merge(spans: list[Span]) -> list[Span]:
         else:
             groups.append([s])
     for group in groups:
-        lead = max(group, key=lambda s: (s.end - s.start, -s.start))
+        lead = max(group, key=lambda s: (s.end - s.start, s.score, -s.start))
         protection = "noise" if all(s.protection == "noise" for s in group) else "placeholder"
-        out.append(Span(group[0].start, max(s.end for s in group), lead.label, lead.rule_id, protection))
+        out.append(Span(group[0].start, max(s.end for s in group), lead.label, lead.rule_id, protection, lead.score))
     return out

@@ -63,6 +63,8 @@ def test_detection_runs_offline_and_finds_each_kind(detector: SpanDetector, monk
     labels = {s.label for s in detector.find("card 4111 1111 1111 1112, IBAN GB82 WEST 1234 5698 7654 33")}
     assert "CARD" not in labels and "IBAN" not in labels
     assert detector.find("the meeting is at noon in Leeds") == []
+    ip = "ssh to 192.168.10.201 now"  # the phone recognizer also matches it, weakly: the IP label wins
+    assert [(ip[s.start:s.end], s.label) for s in detector.find(ip)] == [("192.168.10.201", "IP")]
 
 
 def test_overlapping_findings_merge_into_one_covering_span() -> None:
