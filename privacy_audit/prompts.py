@@ -10,6 +10,7 @@ import dataclasses
 import json
 import random
 from pathlib import Path
+from typing import Any, Iterable
 
 DATA_FILE = Path(__file__).parent / "data" / "prompts.jsonl"
 DEFAULT_COUNT = 240
@@ -129,20 +130,25 @@ def to_json(p: Prompt) -> str:
     return json.dumps({"id": p.id, "messages": p.messages, "canaries": p.canaries}, ensure_ascii=False)
 
 
-def write_prompts(path: Path = DATA_FILE, prompts: list[Prompt] | None = None) -> None:
-    prompts = build_prompts() if prompts is None else prompts
+def write_jsonl(path: Path, lines: Iterable[str]) -> None:
+    """One JSON record per line (the shipped data files of the audit)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(to_json(p) + "\n" for p in prompts))
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file, in order; the first `limit` when given."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records if limit is None else records[:limit]
+
+
+def write_prompts(path: Path = DATA_FILE, prompts: list[Prompt] | None = None) -> None:
+    write_jsonl(path, (to_json(p) for p in (build_prompts() if prompts is None else prompts)))
 
 
 def load_prompts(limit: int | None = None, path: Path = DATA_FILE) -> list[Prompt]:
     """The shipped prompts, in file order; the first `limit` when given."""
-    prompts = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            prompts.append(Prompt(id=rec["id"], messages=rec["messages"], canaries=list(rec["canaries"])))
-    return prompts if limit is None else prompts[:limit]
+    return [Prompt(id=r["id"], messages=r["messages"], canaries=list(r["canaries"])) for r in read_jsonl(path, limit)]
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def _eos_ids(ckpt: Checkpoint) -> list[int]:
     return eos(ckpt)
 
 
-def _deploy(ckpt: Checkpoint, root: Path, k: int) -> _Deployment:
+def deploy(ckpt: Checkpoint, root: Path, k: int) -> _Deployment:
     """A fresh `veil cloak --edge-layers k` into `root`, loaded as the edge and the core would load it."""
     key = root / "bundle.key"
     if not key.exists():
@@ -213,7 +213,7 @@ def run_audit(ckpt: Checkpoint, config: AuditConfig,
         by_k.setdefault(s.edge_layers, []).append(s)
     with tempfile.TemporaryDirectory(prefix="veil-audit-") as tmp:
         for k, settings in sorted(by_k.items()):
-            dep = _deploy(ckpt, Path(tmp), k)
+            dep = deploy(ckpt, Path(tmp), k)
             for s in settings:
                 results.append(audit.run_setting(s, dep))
             del dep

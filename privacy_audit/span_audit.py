@@ -306,7 +306,7 @@ def run_mode(mode: str, prompts: Sequence[SpanPrompt], found: Sequence[Sequence[
 
 def _deployment(ckpt: Checkpoint, root: Path) -> Any:
     """A fresh `veil cloak` (no edge-held layers) into `root`, as the main audit deploys one."""
-    return runner._deploy(ckpt, root, 0)
+    return runner.deploy(ckpt, root, 0)
 
 
 def sizes(config: SpanConfig, shipped: int) -> int:

@@ -20,6 +20,8 @@ import string
 from pathlib import Path
 from typing import Callable
 
+from privacy_audit.prompts import read_jsonl, write_jsonl
+
 DATA_FILE = Path(__file__).parent / "data" / "span_prompts.jsonl"
 DEFAULT_COUNT = 210
 DEFAULT_SEED = 7
@@ -349,20 +351,13 @@ def to_json(p: SpanPrompt) -> str:
 
 
 def write_span_prompts(path: Path = DATA_FILE, prompts: list[SpanPrompt] | None = None) -> None:
-    prompts = build_span_prompts() if prompts is None else prompts
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(to_json(p) + "\n" for p in prompts))
+    write_jsonl(path, (to_json(p) for p in (build_span_prompts() if prompts is None else prompts)))
 
 
 def load_span_prompts(limit: int | None = None, path: Path = DATA_FILE) -> list[SpanPrompt]:
     """The shipped span prompts, in file order; the first `limit` when given."""
-    prompts = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            prompts.append(SpanPrompt(rec["id"], rec["messages"], [Canary(**c) for c in rec["canaries"]],
-                                      bool(rec["task"])))
-    return prompts if limit is None else prompts[:limit]
+    return [SpanPrompt(r["id"], r["messages"], [Canary(**c) for c in r["canaries"]], bool(r["task"]))
+            for r in read_jsonl(path, limit)]
 
 
 if __name__ == "__main__":
