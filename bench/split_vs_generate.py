@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from tests.servers import VeilPair  # noqa: E402
+from cloaking.checkpoint import bundled_model_path, load_checkpoint  # noqa: E402
+from cloaking.cloak import cloak, random_orthogonal  # noqa: E402
+from cloaking.secretbox import KeySource, create_key_file  # noqa: E402
 from veil import wire  # noqa: E402
-from veil.checkpoint import bundled_model_path, load_checkpoint  # noqa: E402
-from veil.cloak import cloak, random_orthogonal  # noqa: E402
-from veil.secretbox import KeySource, create_key_file  # noqa: E402
+from veil_cli.processes import VeilPair  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 MODEL_NAME = "bench-model"

@@ -12,13 +12,13 @@ from litestar import Litestar, Request, Response, delete, get, post
 from litestar.datastructures import State
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from core_server.decoder import DecoderStack
-from core_server.kv_cache import SessionTable
 from core_server.metrics import CoreMetrics
 from core_server.scheduler import StepScheduler
+from core_server.sessions import SessionTable
 from veil import wire
 from veil.errors import NotFound, PayloadTooLarge, ServiceUnavailable, VeilError
 from veil.http import EXCEPTION_HANDLERS
+from veil.model.decoder import DecoderStack
 from veil.settings import Settings
 
 log = logging.getLogger("veil.core")

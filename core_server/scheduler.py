@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from core_server.decoder import DecoderStack, Segment
-from core_server.kv_cache import SessionTable
 from core_server.metrics import CoreMetrics
+from core_server.sessions import SessionTable
 from veil.errors import InvalidRequest, VeilError
+from veil.model.decoder import DecoderStack, Segment
 from veil.wire import StepRequest, StepResult
 
 log = logging.getLogger("veil.core.scheduler")

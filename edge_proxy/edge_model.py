@@ -13,7 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from core_server.decoder import DecoderStack
+from cloaking.checkpoint import load_tokenizer
+from cloaking.cloak import unseal_rotation
+from cloaking.secretbox import KeySource
 from veil.bundle import (
     EDGE_LAYERS_SPEC,
     EDGE_LAYERS_WEIGHTS,
@@ -24,11 +26,9 @@ from veil.bundle import (
     load_tensors,
     read_edge_spec,
 )
-from veil.checkpoint import load_tokenizer
-from veil.cloak import unseal_rotation
 from veil.errors import BundleError
-from veil.linear import Linear
-from veil.secretbox import KeySource
+from veil.model.decoder import DecoderStack
+from veil.model.linear import Linear
 
 
 class EdgeModel:

@@ -11,9 +11,9 @@ import secrets
 
 import torch
 
-from core_server.decoder import Segment
-from core_server.kv_cache import Session
 from edge_proxy.edge_model import EdgeModel
+from veil.model.decoder import Segment
+from veil.model.kv import Session
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

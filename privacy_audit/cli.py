@@ -67,13 +67,13 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
 def run(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from cloaking.checkpoint import bundled_model_path, load_checkpoint
     from privacy_audit import report
     from privacy_audit.prompts import load_prompts
     from privacy_audit.runner import run_audit, sizes
     from privacy_audit.span_audit import SpanConfig, run_span_audit
     from privacy_audit.span_audit import sizes as span_sizes
     from privacy_audit.span_canaries import load_span_prompts
-    from veil.checkpoint import bundled_model_path, load_checkpoint
 
     config = config_from_args(args)
     span_kw: dict[str, Any] = dict(seed=config.seed, span_rho=settings.privacy.span_noise_rho,

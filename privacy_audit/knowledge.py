@@ -11,10 +11,10 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from core_server.decoder import DecoderStack
+from cloaking.checkpoint import Checkpoint
+from cloaking.cloak import core_spec_for, fold_layer
 from edge_proxy.outgoing import NoiseSpec
-from veil.checkpoint import Checkpoint
-from veil.cloak import core_spec_for, fold_layer
+from veil.model.decoder import DecoderStack
 
 CHUNK_ROWS = 1024  # rows per [rows, V] score block: 1024 x 49152 float32 is 200 MB
 

@@ -17,7 +17,9 @@ from typing import Any, Callable
 
 import torch
 
-from core_server.decoder import DecoderStack
+from cloaking.checkpoint import Checkpoint
+from cloaking.cloak import cloak, unseal_rotation
+from cloaking.secretbox import KeySource, create_key_file
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.outgoing import NoiseSpec
 from privacy_audit import metrics
@@ -26,9 +28,7 @@ from privacy_audit.knowledge import Knowledge, PublicModel
 from privacy_audit.prompts import load_prompts
 from privacy_audit.trace import Encoded, Reference, encode, reference_replies, trace_setting
 from veil.bundle import EDGE_SEALED_Q, read_edge_spec
-from veil.checkpoint import Checkpoint
-from veil.cloak import cloak, unseal_rotation
-from veil.secretbox import KeySource, create_key_file
+from veil.model.decoder import DecoderStack
 
 MODEL_NAME = "audit"
 
@@ -182,7 +182,7 @@ def _as_dicts(d: dict[str, metrics.Estimate]) -> dict[str, dict[str, Any]]:
 
 
 def _eos_ids(ckpt: Checkpoint) -> list[int]:
-    from veil.cloak import _eos_ids as eos  # the ids `veil cloak` writes into the edge bundle
+    from cloaking.cloak import _eos_ids as eos  # the ids `veil cloak` writes into the edge bundle
 
     return eos(ckpt)
 

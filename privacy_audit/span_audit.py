@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from admin.guardrails import DEFAULT_ENTITIES, GuardrailRule
+from cloaking.checkpoint import Checkpoint
 from edge_proxy.chat_template import render_with_positions
 from edge_proxy.detokenize import IncrementalDetokenizer
 from edge_proxy.outgoing import NoiseSpec, OutgoingStates, SpanNoise
@@ -48,7 +49,6 @@ from privacy_audit.knowledge import Knowledge, PublicModel
 from privacy_audit.prompts import Prompt
 from privacy_audit.span_canaries import CUSTOMERS, ID_PATTERN, TYPES, SpanPrompt, load_span_prompts
 from privacy_audit.trace import BATCH, Encoded, Trace, edge_logits, encode, run_batch
-from veil.checkpoint import Checkpoint
 
 MODES = ("none", "placeholder", "noise")
 QUICK_SPAN_PROMPTS = 24

@@ -17,12 +17,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from core_server.decoder import DecoderStack, Segment
-from core_server.kv_cache import Session
 from edge_proxy.chat_template import render_prompt
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.outgoing import NoiseSpec, OutgoingStates
 from privacy_audit.prompts import Prompt
+from veil.model.decoder import DecoderStack, Segment
+from veil.model.kv import Session
 
 MAX_NEW_TOKENS = 32
 BATCH = 48  # prompts per lockstep batch: 48 core sessions of ~12 MB each

@@ -12,10 +12,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 for _name in [k for k in os.environ if k.startswith("VEIL_")]:
     del os.environ[_name]
 
-from tests.servers import VeilPair  # noqa: E402
-from veil.checkpoint import Checkpoint, bundled_model_path, load_checkpoint  # noqa: E402
-from veil.cloak import cloak  # noqa: E402
-from veil.secretbox import KeySource, create_key_file  # noqa: E402
+from cloaking.checkpoint import Checkpoint, bundled_model_path, load_checkpoint  # noqa: E402
+from cloaking.cloak import cloak  # noqa: E402
+from cloaking.secretbox import KeySource, create_key_file  # noqa: E402
+from veil_cli.processes import VeilPair  # noqa: E402
 
 SMOL_NAME = "smollm2-135m-instruct"
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from core_server.decoder import DecoderStack, Segment
-from core_server.kv_cache import SessionTable
+from core_server.sessions import SessionTable
+from veil.model.decoder import DecoderStack, Segment
 from veil.wire import StepRequest, StepResult
 
 

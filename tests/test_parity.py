@@ -8,6 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from cloaking.secretbox import KeySource
 from edge_proxy.chat_template import render_prompt
 from edge_proxy.core_client import HttpCoreTransport
 from edge_proxy.edge_model import EdgeModel
@@ -15,9 +16,8 @@ from edge_proxy.generate import Completion, Engine
 from edge_proxy.metrics import EdgeMetrics
 from edge_proxy.sampling import SamplingParams
 from tests.conftest import SMOL_NAME, reference_greedy
-from tests.servers import VeilPair
 from tests.tiny_models import ARCHITECTURES
-from veil.secretbox import KeySource
+from veil_cli.processes import VeilPair
 
 pytestmark = pytest.mark.slow
 

@@ -18,9 +18,9 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from core_server.decoder import DecoderStack
 from privacy_audit.knowledge import Knowledge, PublicModel, nearest_l2
 from privacy_audit.trace import Observed
+from veil.model.decoder import DecoderStack
 
 
 def _block_matrices(stack: DecoderStack) -> tuple[torch.Tensor, torch.Tensor]:

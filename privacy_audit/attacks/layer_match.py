@@ -20,10 +20,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from core_server.decoder import DecoderStack, Segment
-from core_server.kv_cache import Session
 from privacy_audit.attacks.nearest import derotate
 from privacy_audit.knowledge import CHUNK_ROWS, Knowledge, PublicModel
+from veil.model.decoder import DecoderStack, Segment
+from veil.model.kv import Session
 
 SHORT_LIST = 4
 LONG_LIST = 32

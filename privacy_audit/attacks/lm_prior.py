@@ -18,11 +18,11 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from core_server.decoder import DecoderStack
-from core_server.kv_cache import Session
 from privacy_audit.attacks.nearest import Candidates, candidates
 from privacy_audit.knowledge import Knowledge
 from privacy_audit.trace import Observed, core_step
+from veil.model.decoder import DecoderStack
+from veil.model.kv import Session
 
 BEAM = 4  # 4 and 8 and 16 recover the same on the bundled model (trials at rho 2-4); 4 is cheapest
 TOP_M = 32

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import Server, base_env, free_port
+from veil_cli.processes import Server, base_env, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +147,7 @@ def test_guardrail_blocks_before_the_core_and_names_only_the_rule(cluster) -> No
 
 def _veil_admin(cluster, *args: str, key: str = ADMIN_KEY) -> subprocess.CompletedProcess:
     env = base_env(cluster["tmp"], VEIL_EDGE_URL=cluster["edges"][0].url, VEIL_ADMIN_KEY=key)
-    return subprocess.run([sys.executable, "-m", "veil", "admin", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "veil_cli", "admin", *args], env=env, capture_output=True, text=True,
                           timeout=60)
 
 
@@ -231,7 +231,7 @@ def test_audit_records_failures_and_no_secret_reaches_logs_metrics_or_errors(clu
 
 def _start_edge(cluster, tmp: Path, **extra: str) -> subprocess.Popen:
     env = base_env(tmp, VEIL_EDGE_PORT=str(free_port()), **{**cluster["env"], **extra})
-    return subprocess.Popen([sys.executable, "-m", "veil", "edge"], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "veil_cli", "edge"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 

@@ -5,9 +5,9 @@ import httpx
 import pytest
 import torch
 
-from tests.servers import Server, base_env, free_port
 from veil import wire
 from veil.wire import StepRequest
+from veil_cli.processes import Server, base_env, free_port
 
 pytestmark = pytest.mark.slow
 

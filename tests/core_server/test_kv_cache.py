@@ -3,8 +3,9 @@ import time
 import pytest
 import torch
 
-from core_server.kv_cache import SessionStatus, SessionTable
+from core_server.sessions import SessionTable
 from veil.errors import Conflict, NotFound, PayloadTooLarge, RateLimited
+from veil.model.kv import SessionStatus
 
 
 def _table(**kw) -> SessionTable:

@@ -9,6 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from cloaking.checkpoint import load_checkpoint
+from cloaking.cloak import cloak, fold_layer, unseal_rotation
+from cloaking.secretbox import KeySource
 from edge_proxy.chat_template import render_prompt
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.generate import Completion, Engine
@@ -18,9 +21,6 @@ from edge_proxy.sampling import SamplingParams
 from tests.conftest import reference_greedy
 from tests.inprocess_core import InProcessCore
 from veil.bundle import CORE_WEIGHTS, EDGE_LAYERS_WEIGHTS, EDGE_SEALED_Q, read_core_spec, read_edge_spec
-from veil.checkpoint import load_checkpoint
-from veil.cloak import cloak, fold_layer, unseal_rotation
-from veil.secretbox import KeySource
 
 PROMPTS = ["What is the capital of France?", "List three prime numbers.", "Write a haiku about rain."]
 

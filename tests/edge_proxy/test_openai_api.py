@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import SMOL_NAME
-from tests.servers import Server, base_env, free_port
+from veil_cli.processes import Server, base_env, free_port
 
 pytestmark = pytest.mark.slow
 

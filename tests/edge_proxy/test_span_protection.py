@@ -16,14 +16,14 @@ import torch
 import uvicorn
 
 from admin.plane import build_plane
+from cloaking.secretbox import KeySource
 from edge_proxy.app import create_app
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.spans.restore import PLACEHOLDER
 from tests.conftest import SMOL_NAME
 from tests.inprocess_core import InProcessCore
-from tests.servers import free_port
-from veil.secretbox import KeySource
 from veil.settings import Settings
+from veil_cli.processes import free_port
 
 pytestmark = pytest.mark.slow
 

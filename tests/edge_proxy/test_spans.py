@@ -119,11 +119,11 @@ def test_token_positions_cover_exactly_the_spans(smol) -> None:
 
 
 def test_span_noise_touches_only_marked_positions(tiny_checkpoints, key_file, tmp_path) -> None:
+    from cloaking.checkpoint import load_checkpoint
+    from cloaking.cloak import cloak
+    from cloaking.secretbox import KeySource
     from edge_proxy.edge_model import EdgeModel
     from edge_proxy.outgoing import NoiseSpec, OutgoingStates, SpanNoise
-    from veil.checkpoint import load_checkpoint
-    from veil.cloak import cloak
-    from veil.secretbox import KeySource
 
     cloak(load_checkpoint(tiny_checkpoints["llama"]), tmp_path / "edge", tmp_path / "core", KeySource(key_file=key_file),
           "tiny", progress=False)

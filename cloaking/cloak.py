@@ -21,6 +21,8 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 
+from cloaking.checkpoint import Checkpoint
+from cloaking.secretbox import KeySource, seal, unseal
 from veil.bundle import (
     CORE_SPEC,
     CORE_WEIGHTS,
@@ -34,9 +36,7 @@ from veil.bundle import (
     EdgeSpec,
     write_spec,
 )
-from veil.checkpoint import Checkpoint
 from veil.errors import BundleError
-from veil.secretbox import KeySource, seal, unseal
 
 
 def random_orthogonal(dim: int, seed: int | None = None) -> torch.Tensor:

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from core_server.kv_cache import Session
 from veil.bundle import CORE_SPEC, CORE_WEIGHTS, CoreSpec, load_tensors, read_core_spec
 from veil.errors import BundleError
-from veil.linear import Linear
+from veil.model.kv import Session
+from veil.model.linear import Linear
 
 
 @dataclasses.dataclass(slots=True)

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from cloaking.secretbox import KeySource, create_key_file, seal, unseal
 from veil.errors import BundleError
-from veil.secretbox import KeySource, create_key_file, seal, unseal
 
 
 def test_key_file_round_trip_and_permissions(tmp_path: Path) -> None:

@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from core_server.decoder import DecoderStack, Segment
-from core_server.kv_cache import Session
+from cloaking.cloak import unseal_rotation
+from cloaking.secretbox import KeySource
 from tests.tiny_models import ARCHITECTURES
 from veil.bundle import EDGE_SEALED_Q, read_edge_spec
-from veil.cloak import unseal_rotation
-from veil.secretbox import KeySource
+from veil.model.decoder import DecoderStack, Segment
+from veil.model.kv import Session
 
 
 def _setup(tiny_bundles, key_file: Path, arch: str):

@@ -21,7 +21,7 @@ log = logging.getLogger("veil.cli")
 
 def key_source(settings: Settings, create: bool = False):
     """The bundle key: VEIL_BUNDLE_PASSPHRASE if set, else the key file (created on first use if asked)."""
-    from veil.secretbox import KeySource, create_key_file
+    from cloaking.secretbox import KeySource, create_key_file
 
     if settings.bundle.passphrase:
         return KeySource(passphrase=settings.bundle.passphrase)
@@ -36,8 +36,8 @@ def key_source(settings: Settings, create: bool = False):
 
 
 def cmd_cloak(settings: Settings, args: argparse.Namespace) -> int:
-    from veil.checkpoint import bundled_model_path, load_checkpoint
-    from veil.cloak import cloak
+    from cloaking.checkpoint import bundled_model_path, load_checkpoint
+    from cloaking.cloak import cloak
 
     checkpoint = Path(args.checkpoint or settings.model.checkpoint or bundled_model_path())
     edge_dir = Path(args.edge_out) if args.edge_out else settings.edge_bundle_dir()
@@ -120,7 +120,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env["VEIL_BUNDLE_KEY_FILE"] = str(settings.key_file_path())
     env.setdefault("HF_HUB_OFFLINE", "1")
-    base = [sys.executable, "-m", "veil"] + (["--config", args.config] if args.config else [])
+    base = [sys.executable, "-m", "veil_cli"] + (["--config", args.config] if args.config else [])
     procs = [subprocess.Popen(base + ["core"], env=env)]
     try:
         _wait_ready(f"http://{settings.core.host}:{settings.core.port}/readyz", procs[0], args.timeout)

@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from cloaking.checkpoint import load_checkpoint
+from cloaking.cloak import cloak, random_orthogonal, unseal_rotation
+from cloaking.secretbox import KeySource
 from tests.tiny_models import ARCHITECTURES
 from veil.bundle import CORE_SPEC, CORE_WEIGHTS, EDGE_SEALED_Q, EDGE_WEIGHTS, read_core_spec, read_edge_spec
-from veil.checkpoint import load_checkpoint
-from veil.cloak import cloak, random_orthogonal, unseal_rotation
 from veil.errors import BundleError
-from veil.secretbox import KeySource
 
 
 def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -25,7 +25,7 @@ class Server:
         self.role, self.port, self.log_path = role, port, log_path
         self.url = f"http://127.0.0.1:{port}"
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "veil", role], env=env, stdout=self._log,
+        self.proc = subprocess.Popen([sys.executable, "-m", "veil_cli", role], env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 180) -> "Server":

@@ -1,5 +1,0 @@
-import sys
-
-from veil.cli import main
-
-sys.exit(main())

@@ -1,0 +1,1 @@
+"""The `veil` command: the composition root above every package."""

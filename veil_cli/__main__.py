@@ -1,0 +1,5 @@
+import sys
+
+from veil_cli.main import main
+
+sys.exit(main())
