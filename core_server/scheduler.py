@@ -9,36 +9,41 @@ import dataclasses
 import logging
 import threading
 import time
+from typing import Callable
 
 import torch
 
 from core_server.metrics import CoreMetrics
 from core_server.sessions import SessionTable
 from veil.errors import InvalidRequest, VeilError
-from veil.model.decoder import DecoderStack, Segment
+from veil.model.decoder import DecoderStack
+from veil.model.kv import Segment
 from veil.wire import StepRequest, StepResult
 
 log = logging.getLogger("veil.core.scheduler")
-_SWEEP_SECONDS = 1.0
+SWEEP_SECONDS = 1.0  # how often idle sessions are expired
 
 
 @dataclasses.dataclass(slots=True)
 class _Pending:
     req: StepRequest
-    future: concurrent.futures.Future
-    enqueued: float
+    future: concurrent.futures.Future[StepResult]
+    enqueued: float  # perf_counter, for the queue-time metric
 
 
 class StepScheduler:
     """Owns the queue of steps and the thread that runs them; sessions live in `table`."""
 
-    def __init__(self, stack: DecoderStack, table: SessionTable, metrics: CoreMetrics, max_batch_tokens: int):
+    def __init__(self, stack: DecoderStack, table: SessionTable, metrics: CoreMetrics, max_batch_tokens: int,
+                 clock: Callable[[], float] = time.monotonic):
         self.stack, self.table, self.metrics = stack, table, metrics
         self.max_batch_tokens = max_batch_tokens
+        self.clock = clock
         self._waiting: collections.deque[_Pending] = collections.deque()
         self._cond = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
+        self._last_sweep = clock()
 
     def start(self) -> None:
         self._running = True
@@ -52,92 +57,98 @@ class StepScheduler:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    async def submit(self, req: StepRequest) -> StepResult:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+    def enqueue(self, req: StepRequest) -> concurrent.futures.Future[StepResult]:
+        """Queue a step; the future resolves once a batch has run it."""
+        fut: concurrent.futures.Future[StepResult] = concurrent.futures.Future()
         with self._cond:
             self._waiting.append(_Pending(req, fut, time.perf_counter()))
             self.metrics.queued_steps.set(len(self._waiting))
             self._cond.notify()
-        return await asyncio.wrap_future(fut)
+        return fut
 
-    def _take_batch(self) -> list[_Pending]:
-        """Waiting steps up to the token budget, at most one per session (its steps are sequential)."""
-        batch: list[_Pending] = []
-        skipped: list[_Pending] = []
-        sessions: set[str] = set()
-        tokens = 0
-        while self._waiting:
-            item = self._waiting.popleft()
-            n = item.req.hidden.shape[0]
-            if item.req.session in sessions or (batch and tokens + n > self.max_batch_tokens):
-                skipped.append(item)
-                continue
-            batch.append(item)
-            sessions.add(item.req.session)
-            tokens += n
-        self._waiting.extendleft(reversed(skipped))
+    async def submit(self, req: StepRequest) -> StepResult:
+        return await asyncio.wrap_future(self.enqueue(req))
+
+    def take_batch(self) -> list[_Pending]:
+        """Waiting steps in arrival order up to the token budget, at most one per session (its steps are
+        sequential); the rest keep their places."""
+        with self._cond:
+            batch: list[_Pending] = []
+            skipped: list[_Pending] = []
+            sessions: set[str] = set()
+            tokens = 0
+            while self._waiting:
+                item = self._waiting.popleft()
+                n = item.req.hidden.shape[0]
+                if item.req.session in sessions or (batch and tokens + n > self.max_batch_tokens):
+                    skipped.append(item)
+                    continue
+                if not item.future.set_running_or_notify_cancel():
+                    continue  # its client went away while it waited
+                batch.append(item)
+                sessions.add(item.req.session)
+                tokens += n
+            self._waiting.extendleft(reversed(skipped))
+            self.metrics.queued_steps.set(len(self._waiting))
         return batch
 
+    def tick(self) -> int:
+        """One round of the runner: expire idle sessions when due, then run one batch; -> steps taken."""
+        if self.clock() - self._last_sweep >= SWEEP_SECONDS:
+            expired = self.table.expire_idle()
+            if expired:
+                log.info("expired idle sessions count=%d", expired)
+            self._last_sweep = self.clock()
+        self.metrics.active_sessions.set(len(self.table))
+        batch = self.take_batch()
+        if batch:
+            self.run_batch(batch)
+        return len(batch)
+
     def _loop(self) -> None:
-        last_sweep = time.monotonic()
         while True:
             with self._cond:
-                while self._running and not self._waiting:
-                    self._cond.wait(timeout=_SWEEP_SECONDS)
-                    if time.monotonic() - last_sweep >= _SWEEP_SECONDS:
-                        break
+                if self._running and not self._waiting:
+                    self._cond.wait(timeout=SWEEP_SECONDS)
                 if not self._running:
                     return
-                batch = self._take_batch()
-                self.metrics.queued_steps.set(len(self._waiting))
-            if time.monotonic() - last_sweep >= _SWEEP_SECONDS:
-                expired = self.table.expire_idle()
-                if expired:
-                    log.info("expired idle sessions count=%d", expired)
-                last_sweep = time.monotonic()
-            self.metrics.active_sessions.set(len(self.table))
-            if batch:
-                self._run(batch)
+            self.tick()
 
-    def _run(self, batch: list[_Pending]) -> None:
+    def _admit(self, item: _Pending) -> Segment | None:
+        """The step's segment, or None after failing its future with the reason."""
+        try:
+            if item.req.hidden.shape[1] != self.stack.spec.hidden_size:
+                raise InvalidRequest(
+                    f"step dim {item.req.hidden.shape[1]} does not match the model dim {self.stack.spec.hidden_size}",
+                    code="dim_mismatch")
+            return self.table.admit(item.req.session, item.req.offset, item.req.hidden.shape[0])
+        except VeilError as exc:
+            self.metrics.errors.labels(code=str(exc.code)).inc()
+            item.future.set_exception(exc)
+            return None
+
+    def run_batch(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
-        segments: list[Segment] = []
-        admitted: list[_Pending] = []
-        row = 0
-        for item in batch:
-            n = item.req.hidden.shape[0]
-            try:
-                if item.req.hidden.shape[1] != self.stack.spec.hidden_size:
-                    raise InvalidRequest(
-                        f"step dim {item.req.hidden.shape[1]} does not match the model dim {self.stack.spec.hidden_size}",
-                        code="dim_mismatch")
-                sess = self.table.admit(item.req.session, item.req.offset, n)
-            except VeilError as exc:
-                self.metrics.errors.labels(code=str(exc.code)).inc()
-                item.future.set_exception(exc)
-                continue
-            segments.append(Segment(sess, item.req.offset, row, n))
-            admitted.append(item)
-            row += n
+        admitted = [(item, seg) for item in batch if (seg := self._admit(item)) is not None]
         if not admitted:
             return
-        x = torch.cat([item.req.hidden for item in admitted]) if len(admitted) > 1 else admitted[0].req.hidden
+        x = torch.cat([item.req.hidden for item, _ in admitted])
         try:
-            out = self.stack.forward(x, segments)
+            out = self.stack.step(x, [seg for _, seg in admitted])
         except Exception as exc:  # never let one bad batch kill the runner thread
             log.error("forward failed error=%s steps=%d", type(exc).__name__, len(admitted))
-            for item in admitted:
+            for item, _ in admitted:
                 self.metrics.errors.labels(code="forward_failed").inc()
                 item.future.set_exception(VeilError("the core failed to run this step", code="forward_failed"))
             return
         compute_ms = (time.perf_counter() - started) * 1000
-        self.metrics.batch_tokens.observe(row)
-        for item, seg in zip(admitted, segments):
-            seg.session.length = seg.offset + seg.n
-            idx = torch.tensor([seg.start + (w % seg.n) for w in item.req.want], device=out.device)
+        self.metrics.batch_tokens.observe(x.shape[0])
+        row = 0
+        for item, seg in admitted:
+            idx = torch.tensor([row + (w % seg.n) for w in item.req.want], device=out.device)
             hidden = out.index_select(0, idx).to("cpu", torch.float32)
-            kind = "prefill" if seg.n > 1 else "decode"
-            self.metrics.tokens.labels(kind=kind).inc(seg.n)
+            row += seg.n
+            self.metrics.tokens.labels(kind="prefill" if seg.n > 1 else "decode").inc(seg.n)
+            self.metrics.step_seconds.observe(time.perf_counter() - item.enqueued)
             queue_ms = (started - item.enqueued) * 1000
-            self.metrics.step_seconds.observe((time.perf_counter() - item.enqueued))
-            item.future.set_result(StepResult(seg.session.sid, seg.session.length, hidden, compute_ms, queue_ms))
+            item.future.set_result(StepResult(item.req.session, seg.session.length, hidden, compute_ms, queue_ms))

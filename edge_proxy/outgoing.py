@@ -12,8 +12,6 @@ import secrets
 import torch
 
 from edge_proxy.edge_model import EdgeModel
-from veil.model.decoder import Segment
-from veil.model.kv import Session
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,8 +45,7 @@ class OutgoingStates:
         # fresh per request; tests pass a seeded generator
         self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
         stack = model.edge_stack
-        self.session = None if stack is None else Session(
-            "edge", stack.spec.num_layers, stack.spec.num_kv_heads, stack.spec.head_dim, stack.dtype, stack.device)
+        self.session = None if stack is None else stack.new_session(model.spec.max_positions)
 
     def __call__(self, ids: list[int], offset: int) -> torch.Tensor:
         """[n] token ids at positions offset.. -> [n, d] rotated states for the core."""
@@ -63,11 +60,8 @@ class OutgoingStates:
             return x
         stack, n = self.model.edge_stack, len(ids)
         assert stack is not None
-        self.session.length = min(self.session.length, offset)  # a re-prefill rolls the edge cache back too
-        self.session.reserve(offset + n, self.model.spec.max_positions)
-        out = stack.forward(x, [Segment(self.session, offset, 0, n)])
-        self.session.length = offset + n
-        return out
+        # a re-prefill (offset 0) rolls the edge-held blocks' cache back too
+        return stack.step(x, [self.session.begin(offset, n)])
 
     def _sigmas(self, n: int, offset: int) -> torch.Tensor | float | None:
         """Noise scale per row ([n, 1]), a scalar, or None for no noise."""

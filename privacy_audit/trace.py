@@ -21,7 +21,7 @@ from edge_proxy.chat_template import render_prompt
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.outgoing import NoiseSpec, OutgoingStates
 from privacy_audit.prompts import Prompt
-from veil.model.decoder import DecoderStack, Segment
+from veil.model.decoder import DecoderStack
 from veil.model.kv import Session
 
 MAX_NEW_TOKENS = 32
@@ -85,24 +85,11 @@ def encode(tokenizer, prompt: Prompt) -> Encoded:
     return Encoded(prompt, ids, private)
 
 
-def _new_session(stack: DecoderStack) -> Session:
-    s = stack.spec
-    return Session("audit", s.num_layers, s.num_kv_heads, s.head_dim, stack.dtype, stack.device)
-
-
 def core_step(stack: DecoderStack, work: list[tuple[Session, int, torch.Tensor]]) -> list[torch.Tensor]:
     """One batched core forward over (session, offset, states [n, d]) items -> outputs [n, d] per item."""
-    segments, start = [], 0
-    for sess, offset, states in work:
-        n = states.shape[0]
-        sess.length = min(sess.length, offset)
-        sess.reserve(offset + n, stack.spec.max_positions)
-        segments.append(Segment(sess, offset, start, n))
-        start += n
-    out = stack.forward(torch.cat([w[2] for w in work]), segments)
-    for sess, offset, states in work:
-        sess.length = offset + states.shape[0]
-    return list(out.split([w[2].shape[0] for w in work]))
+    segments = [sess.begin(offset, states.shape[0]) for sess, offset, states in work]
+    out = stack.step(torch.cat([w[2] for w in work]), segments)
+    return list(out.split([seg.n for seg in segments]))
 
 
 class _Request:
@@ -116,7 +103,8 @@ class _Request:
         self.returned: list[torch.Tensor] = []
         self.lp: list[float] = []
         self.agree: list[bool] = []
-        self.prefill_s, self.decode_s, self.done = 0.0, [], False
+        self.prefill_s, self.done = 0.0, False
+        self.decode_s: list[float] = []
 
     def send(self, ids: list[int], offset: int, record: bool = True) -> torch.Tensor:
         started = time.perf_counter()
@@ -152,7 +140,7 @@ def run_batch(stack: DecoderStack, make_outgoing: Callable[[int], Outgoing], log
               encoded: Sequence[Encoded], eos_ids: frozenset[int], references: Sequence[Reference] | None = None,
               max_new: int = MAX_NEW_TOKENS) -> list[Trace]:
     """Greedy generation for a batch of prompts; make_outgoing(i) builds request i's OutgoingStates."""
-    reqs = [_Request(e, make_outgoing(i), _new_session(stack), references[i] if references else None)
+    reqs = [_Request(e, make_outgoing(i), stack.new_session(), references[i] if references else None)
             for i, e in enumerate(encoded)]
     outs = core_step(stack, [(r.session, 0, r.send(r.enc.ids, 0)) for r in reqs])
     active, step = list(reqs), 0

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 
 from privacy_audit.attacks.nearest import derotate
 from privacy_audit.knowledge import CHUNK_ROWS, Knowledge, PublicModel
-from veil.model.decoder import DecoderStack, Segment
-from veil.model.kv import Session
+from veil.model.decoder import DecoderStack
 
 SHORT_LIST = 4
 LONG_LIST = 32
@@ -64,28 +63,18 @@ def _sample_batch(public: PublicModel, starters: list[str], length: int, gen: to
     prefix = _system_prefix(public.tokenizer)
     stack, embed = public.stack(), public.embed
     seqs = [prefix + list(public.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in starters]
-    sessions = [_session(stack) for _ in seqs]
+    sessions = [stack.new_session() for _ in seqs]
     pending, offsets = [list(s) for s in seqs], [0] * len(seqs)
     for _ in range(length):
-        segs, start = [], 0
-        for sess, ids, off in zip(sessions, pending, offsets):
-            sess.length = off
-            sess.reserve(off + len(ids), stack.spec.max_positions)
-            segs.append(Segment(sess, off, start, len(ids)))
-            start += len(ids)
-        out = stack.forward(embed[torch.tensor([t for ids in pending for t in ids])], segs)
-        last = torch.stack([out[g.start + g.n - 1] for g in segs])
+        segs = [sess.begin(off, len(ids)) for sess, ids, off in zip(sessions, pending, offsets)]
+        out = stack.step(embed[torch.tensor([t for ids in pending for t in ids])], segs)
+        last = out[torch.tensor([seg.n for seg in segs]).cumsum(0) - 1]  # each sequence's last row
         nxt = torch.multinomial(F.softmax(public.logits(last), -1), 1, generator=gen)[:, 0].tolist()
         for i, tok in enumerate(nxt):
             offsets[i] += len(pending[i])
             seqs[i].append(tok)
             pending[i] = [tok]
     return seqs
-
-
-def _session(stack: DecoderStack) -> Session:
-    s = stack.spec
-    return Session("operator", s.num_layers, s.num_kv_heads, s.head_dim, stack.dtype, stack.device)
 
 
 def _noised(op: Knowledge, ids: list[int], gen: torch.Generator) -> torch.Tensor:
@@ -100,9 +89,8 @@ def features(op: Knowledge, corpus: Corpus, seed: int) -> tuple[torch.Tensor, to
     gen = torch.Generator().manual_seed(seed)
     hs, ids = [], []
     for seq in corpus.sequences:
-        sess = _session(stack)
-        sess.reserve(len(seq), stack.spec.max_positions)
-        hs.append(stack.forward(_noised(op, seq, gen), [Segment(sess, 0, 0, len(seq))]))
+        sess = stack.new_session()
+        hs.append(stack.step(_noised(op, seq, gen), [sess.begin(0, len(seq))]))
         ids.append(torch.tensor(seq))
     return torch.cat(hs), torch.cat(ids)
 
@@ -160,7 +148,7 @@ class _PrefixRunner:
         s, st = self.spec, self.stack
         p, c, d = x.shape
         g, hd, kv = s.num_heads // s.num_kv_heads, s.head_dim, s.num_kv_heads
-        cos, sin = st._rope(torch.tensor([t]))  # [1, 1, hd]
+        cos, sin = st.rope(torch.tensor([t]))  # [1, 1, hd]
         h = x.reshape(p * c, d)
         new_kv = []
         for li, layer in enumerate(st.layers):
@@ -168,8 +156,8 @@ class _PrefixRunner:
             q = qkv[:, :st.q_rows].view(p * c, s.num_heads, hd)
             k = qkv[:, st.q_rows:st.q_rows + st.kv_rows].view(p * c, kv, hd)
             v = qkv[:, st.q_rows + st.kv_rows:].view(p, c, kv, hd)
-            q = (q * cos + st._rotate_half(q) * sin).view(p, c, kv, g, hd).permute(0, 2, 3, 1, 4)  # [P,KV,g,C,hd]
-            k = (k * cos + st._rotate_half(k) * sin).view(p, c, kv, hd)
+            q = (q * cos + st.rotate_half(q) * sin).view(p, c, kv, g, hd).permute(0, 2, 3, 1, 4)  # [P,KV,g,C,hd]
+            k = (k * cos + st.rotate_half(k) * sin).view(p, c, kv, hd)
             new_kv.append((k, v))
             pk, pv = self.k[rows, li, :, :t], self.v[rows, li, :, :t]  # [P, KV, t, hd]
             own = torch.einsum("pkgcd,pckd->pkgc", q, k)[..., None]

@@ -39,22 +39,11 @@ class _Beam:
     fed: int = 0  # tokens already in the session's cache
 
 
-def _session(stack: DecoderStack, capacity: int) -> Session:
-    s = stack.spec
-    sess = Session("lm-prior", s.num_layers, s.num_kv_heads, s.head_dim, stack.dtype, stack.device)
-    # exact-size cache: beams are many and prompts short, so skip the core's 256-position minimum
-    sess.k = torch.empty((s.num_layers, s.num_kv_heads, capacity, s.head_dim), dtype=stack.dtype)
-    sess.v = torch.empty_like(sess.k)
-    return sess
-
-
 def _fork(stack: DecoderStack, beam: _Beam, capacity: int) -> Session:
-    sess = _session(stack, capacity)
-    if beam.session is not None and beam.fed:
-        sess.k[:, :, :beam.fed] = beam.session.k[:, :, :beam.fed]
-        sess.v[:, :, :beam.fed] = beam.session.v[:, :, :beam.fed]
-    sess.length = beam.fed
-    return sess
+    """The beam's cache for a new child, or a fresh one; exact-size, since beams are many and prompts short."""
+    if beam.session is not None:
+        return beam.session.fork()
+    return stack.new_session(limit=capacity, capacity=capacity)
 
 
 class _Decoder:

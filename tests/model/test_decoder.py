@@ -9,7 +9,7 @@ from cloaking.cloak import unseal_rotation
 from cloaking.secretbox import KeySource
 from tests.tiny_models import ARCHITECTURES
 from veil.bundle import EDGE_SEALED_Q, read_edge_spec
-from veil.model.decoder import DecoderStack, Segment
+from veil.model.decoder import DecoderStack
 from veil.model.kv import Session
 
 
@@ -21,16 +21,13 @@ def _setup(tiny_bundles, key_file: Path, arch: str):
     return ckpt.model, stack, q
 
 
-def _session(stack: DecoderStack, sid: str = "s" * 16) -> Session:
-    s = stack.spec
-    sess = Session(sid, s.num_layers, s.num_kv_heads, s.head_dim, torch.float32, torch.device("cpu"))
-    sess.reserve(64, 512)
-    return sess
+def _session(stack: DecoderStack) -> Session:
+    return stack.new_session(limit=512)
 
 
 def _run(stack: DecoderStack, sess: Session, x: torch.Tensor, offset: int) -> torch.Tensor:
-    out = stack.forward(x, [Segment(sess, offset, 0, x.shape[0])])
-    sess.length = offset + x.shape[0]
+    out = stack.step(x, [sess.begin(offset, x.shape[0])])
+    assert sess.length == offset + x.shape[0]
     return out
 
 
@@ -54,13 +51,13 @@ def test_batched_sessions_equal_separate_runs(tiny_bundles, key_file: Path) -> N
     model, stack, q = _setup(tiny_bundles, key_file, "qwen2")
     gen = torch.Generator().manual_seed(1)
     xa, xb = torch.randn(9, 64, generator=gen), torch.randn(5, 64, generator=gen)
-    sa, sb = _session(stack, "a" * 16), _session(stack, "b" * 16)
+    sa, sb = _session(stack), _session(stack)
     alone_a = torch.cat([_run(stack, sa, xa[:8], 0), _run(stack, sa, xa[8:], 8)])
     alone_b = _run(stack, sb, xb, 0)
-    ta, tb = _session(stack, "c" * 16), _session(stack, "d" * 16)
+    ta, tb = _session(stack), _session(stack)
     _run(stack, ta, xa[:8], 0)
     # one forward holding a decode step of one session and a prefill of another
-    both = stack.forward(torch.cat([xa[8:], xb]), [Segment(ta, 8, 0, 1), Segment(tb, 0, 1, 5)])
+    both = stack.step(torch.cat([xa[8:], xb]), [ta.begin(8, 1), tb.begin(0, 5)])
     assert torch.allclose(both[:1], alone_a[8:], atol=1e-4, rtol=1e-4)
     assert torch.allclose(both[1:], alone_b, atol=1e-4, rtol=1e-4)
 

@@ -1,20 +1,22 @@
 """The cloaked decoder stack: Llama-family blocks with norm gains folded in and Q applied.
 
 Tokens of several sessions run together: projections and MLPs see one flat [N, d] batch,
-attention runs per session against its own cache.
+attention runs per session against its own cache. `step` is the only way in: it runs the
+blocks over segments that `Session.begin` checked and commits each session's new length.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from veil.bundle import CORE_SPEC, CORE_WEIGHTS, CoreSpec, load_tensors, read_core_spec
 from veil.errors import BundleError
-from veil.model.kv import Session
+from veil.model.kv import Segment, Session
 from veil.model.linear import Linear
 
 
@@ -27,16 +29,6 @@ class Layer:
     q_norm: torch.Tensor | None  # [hd]
     k_norm: torch.Tensor | None
     window: int | None
-
-
-@dataclasses.dataclass(slots=True)
-class Segment:
-    """One session's slice of a flat batch: rows [start, start + n) at positions offset.."""
-
-    session: Session
-    offset: int
-    start: int
-    n: int
 
 
 def _cat_opt(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -75,10 +67,32 @@ class DecoderStack:
                 k_norm=get(p + "k_norm.weight", False),
                 window=spec.sliding_windows[i],
             ))
+        self._check_spec(tensors)
         inv_freq = tensors.get("rope.inv_freq")
         if inv_freq is None:
             raise BundleError("core bundle lacks tensor rope.inv_freq")
         self.inv_freq = inv_freq.to(device=device, dtype=torch.float32)
+
+    def _check_spec(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The spec's shape flags must describe the tensors the bundle really holds."""
+        s, first = self.spec, "layers.0."
+        facts = {
+            "attention_bias": first + "q.bias" in tensors,
+            "o_bias": first + "o.bias" in tensors,
+            "mlp_bias": first + "down.bias" in tensors,
+            "qk_norm": first + "q_norm.weight" in tensors,
+        }
+        for name, present in facts.items():
+            if getattr(s, name) != present:
+                raise BundleError(f"core bundle spec says {name}={getattr(s, name)} but its tensors disagree")
+        if s.num_layers and self.layers[0].down.weight.shape[1] != s.intermediate_size:
+            raise BundleError("core bundle spec's intermediate_size does not match its tensors")
+
+    def new_session(self, limit: int | None = None, capacity: int = 0) -> Session:
+        """An empty KV cache shaped for this stack, holding at most `limit` positions (default: the model's)."""
+        s = self.spec
+        return Session(s.num_layers, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device,
+                       limit=s.max_positions if limit is None else limit, capacity=capacity)
 
     @classmethod
     def load(cls, bundle_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32, *,
@@ -86,7 +100,7 @@ class DecoderStack:
         spec = read_core_spec(bundle_dir, spec_name)
         return cls(spec, load_tensors(Path(bundle_dir) / weights_name), device, dtype)
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # [N, hd/2] -> cos, sin [N, 1, hd], computed in float32 as the reference model does
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -94,13 +108,13 @@ class DecoderStack:
         return (emb.cos() * scale).to(self.dtype)[:, None, :], (emb.sin() * scale).to(self.dtype)[:, None, :]
 
     @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
     def _mask(self, seg: Segment, window: int | None) -> torch.Tensor | None:
         """Boolean [n, T] mask (True = attend), or None when every cached key is visible."""
-        total = seg.offset + seg.n
+        total = seg.end
         if seg.n == 1 and (window is None or total <= window):
             return None
         q_pos = torch.arange(seg.offset, total, device=self.device)[:, None]
@@ -123,14 +137,26 @@ class DecoderStack:
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         return out.view(s.num_kv_heads, g, n, hd).permute(2, 0, 1, 3).reshape(n, s.num_heads * hd)
 
+    def step(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+        """x [N, d] rotated inputs, the segments' rows in order -> [N, d] rotated residual stream after the
+        last block; each session then holds its segment (a failed forward commits nothing)."""
+        assert x.dim() == 2 and x.shape[0] == sum(seg.n for seg in segments), "rows must match the segments"
+        assert len({id(seg.session) for seg in segments}) == len(segments), "one segment per session per step"
+        out = self._forward(x, segments)
+        for seg in segments:
+            seg.session.commit(seg)
+        return out
+
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
-        """x [N, d] rotated inputs of all segments -> [N, d] rotated residual stream after the last layer."""
+    def _forward(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
         s = self.spec
-        assert x.dim() == 2 and x.shape[1] == s.hidden_size
+        assert x.shape[1] == s.hidden_size
+        starts = [0]
+        for seg in segments[:-1]:
+            starts.append(starts[-1] + seg.n)
         x = x.to(device=self.device, dtype=self.dtype)
         positions = torch.cat([torch.arange(g.offset, g.offset + g.n, device=self.device) for g in segments])
-        cos, sin = self._rope(positions)
+        cos, sin = self.rope(positions)
         hd, eps = s.head_dim, s.rms_norm_eps
         for li, layer in enumerate(self.layers):
             h = F.rms_norm(x, (s.hidden_size,), eps=eps)
@@ -141,12 +167,12 @@ class DecoderStack:
             if layer.q_norm is not None:
                 q = F.rms_norm(q, (hd,), layer.q_norm, eps)
                 k = F.rms_norm(k, (hd,), layer.k_norm, eps)
-            q = q * cos + self._rotate_half(q) * sin
-            k = k * cos + self._rotate_half(k) * sin
+            q = q * cos + self.rotate_half(q) * sin
+            k = k * cos + self.rotate_half(k) * sin
             outs = []
-            for seg in segments:
-                rows = slice(seg.start, seg.start + seg.n)
-                span = slice(seg.offset, seg.offset + seg.n)
+            for seg, start in zip(segments, starts):
+                rows = slice(start, start + seg.n)
+                span = slice(seg.offset, seg.end)
                 seg.session.k[li, :, span] = k[rows].transpose(0, 1)
                 seg.session.v[li, :, span] = v[rows].transpose(0, 1)
                 outs.append(self._attend(q[rows], li, seg, layer.window))

@@ -1,0 +1,141 @@
+"""The step scheduler without threads or HTTP: batching rules, one step per session, expiry on an injected clock."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import types
+from typing import Sequence
+
+import pytest
+import torch
+
+from core_server.metrics import CoreMetrics
+from core_server.scheduler import SWEEP_SECONDS, StepScheduler
+from core_server.sessions import SessionTable
+from veil.errors import InvalidRequest, NotFound, VeilError
+from veil.model.kv import Segment, Session
+from veil.wire import StepRequest
+
+DIM = 8
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingStack:
+    """Stands in for DecoderStack: out = 2·x, and it records each batch as (offset, n) per segment."""
+
+    spec = types.SimpleNamespace(hidden_size=DIM)
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+        self.fail_next = False
+
+    def new_session(self, limit: int) -> Session:
+        return Session(1, 1, 2, dtype=torch.float32, device=torch.device("cpu"), limit=limit)
+
+    def step(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("out of memory")
+        self.batches.append([(seg.offset, seg.n) for seg in segments])
+        for seg in segments:
+            seg.session.commit(seg)
+        return 2 * x
+
+
+@pytest.fixture()
+def parts():
+    clock, stack = Clock(), RecordingStack()
+    table = SessionTable(stack.new_session, max_sessions=4, max_tokens=100, idle_seconds=30, clock=clock)
+    scheduler = StepScheduler(stack, table, CoreMetrics(), max_batch_tokens=16, clock=clock)  # type: ignore[arg-type]
+    return scheduler, stack, table, clock
+
+
+def _req(session: str, offset: int, rows: int, want: list[int] | None = None) -> StepRequest:
+    hidden = torch.arange(rows * DIM, dtype=torch.float32).view(rows, DIM) + offset
+    return StepRequest(session * 16, offset, hidden, want or [-1], bundle_id="b" * 32)
+
+
+def test_steps_of_different_sessions_share_one_forward(parts) -> None:
+    scheduler, stack, _, _ = parts
+    a = scheduler.enqueue(_req("a", 0, 5, want=[0, -1]))
+    b = scheduler.enqueue(_req("b", 0, 3))
+    assert scheduler.tick() == 2 and stack.batches == [[(0, 5), (0, 3)]]
+    ra, rb = a.result(timeout=0), b.result(timeout=0)
+    assert ra.length == 5 and torch.equal(ra.hidden, 2 * _req("a", 0, 5).hidden[[0, 4]])
+    assert rb.length == 3 and torch.equal(rb.hidden, 2 * _req("b", 0, 3).hidden[[2]])
+
+
+def test_one_step_per_session_per_batch_in_arrival_order(parts) -> None:
+    scheduler, stack, _, _ = parts
+    first = scheduler.enqueue(_req("a", 0, 4))
+    second = scheduler.enqueue(_req("a", 4, 1))
+    other = scheduler.enqueue(_req("b", 0, 2))
+    assert scheduler.tick() == 2 and stack.batches[-1] == [(0, 4), (0, 2)]
+    assert not second.done()
+    assert scheduler.tick() == 1 and stack.batches[-1] == [(4, 1)]
+    assert first.result(timeout=0).length == 4 and second.result(timeout=0).length == 5
+    assert other.result(timeout=0).length == 2
+
+
+def test_the_token_budget_splits_batches_but_never_starves_a_big_step(parts) -> None:
+    scheduler, stack, _, _ = parts
+    futures = [scheduler.enqueue(_req(s, 0, n)) for s, n in (("a", 20), ("b", 10), ("c", 6), ("d", 1))]
+    assert scheduler.tick() == 1 and stack.batches[-1] == [(0, 20)]  # over budget alone: runs alone
+    assert scheduler.tick() == 2 and stack.batches[-1] == [(0, 10), (0, 6)]  # 16 tokens: the budget is full
+    assert scheduler.tick() == 1 and stack.batches[-1] == [(0, 1)]
+    assert all(f.done() and f.exception() is None for f in futures)
+    assert sum(n for batch in stack.batches for _, n in batch) == 37
+
+
+def test_a_refused_step_fails_alone(parts) -> None:
+    scheduler, stack, _, _ = parts
+    lost = scheduler.enqueue(_req("a", 7, 1))  # the core never saw session a
+    wide = scheduler.enqueue(StepRequest("b" * 16, 0, torch.zeros(1, DIM + 1), bundle_id="b" * 32))
+    fine = scheduler.enqueue(_req("c", 0, 2))
+    scheduler.tick()
+    assert isinstance(lost.exception(timeout=0), NotFound)
+    assert isinstance(wide.exception(timeout=0), InvalidRequest)
+    assert fine.result(timeout=0).length == 2 and stack.batches == [[(0, 2)]]
+
+
+def test_a_failed_forward_fails_its_batch_and_the_runner_goes_on(parts) -> None:
+    scheduler, stack, table, _ = parts
+    stack.fail_next = True
+    doomed = scheduler.enqueue(_req("a", 0, 2))
+    scheduler.tick()
+    exc = doomed.exception(timeout=0)
+    assert isinstance(exc, VeilError) and exc.code == "forward_failed"
+    again = scheduler.enqueue(_req("a", 0, 2))
+    scheduler.tick()
+    assert again.result(timeout=0).length == 2
+
+
+def test_a_step_whose_client_left_is_dropped(parts) -> None:
+    scheduler, stack, _, _ = parts
+    gone = scheduler.enqueue(_req("a", 0, 2))
+    assert gone.cancel()
+    kept = scheduler.enqueue(_req("b", 0, 2))
+    scheduler.tick()
+    assert stack.batches == [[(0, 2)]] and kept.result(timeout=0).length == 2
+    with pytest.raises(concurrent.futures.CancelledError):
+        gone.result(timeout=0)
+
+
+def test_idle_sessions_expire_when_the_sweep_is_due(parts) -> None:
+    scheduler, _, table, clock = parts
+    scheduler.enqueue(_req("a", 0, 2))
+    scheduler.tick()
+    clock.now += 31  # idle past idle_seconds, and a sweep is due
+    assert clock.now - scheduler._last_sweep >= SWEEP_SECONDS
+    scheduler.tick()
+    assert len(table) == 0
+    late = scheduler.enqueue(_req("a", 2, 1))
+    scheduler.tick()
+    assert isinstance(late.exception(timeout=0), NotFound)
