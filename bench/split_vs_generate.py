@@ -115,7 +115,7 @@ def per_token_costs(edge_url: str, before: str, d: int) -> dict[str, float]:
     out["transport_and_http_ms"] = out["step_roundtrip_ms"] - out["core_compute_ms"]
     # Serialization: one decode step's frames, both directions, as the edge and core do them.
     x = torch.randn(1, d)
-    req = wire.StepRequest("s" * 32, 100, x)
+    req = wire.StepRequest("s" * 32, 100, x, bundle_id="b" * 32)
     res = wire.StepResult("s" * 32, 101, x)
     n = 2000
     start = time.perf_counter()

@@ -16,7 +16,7 @@ from core_server.metrics import CoreMetrics
 from core_server.scheduler import StepScheduler
 from core_server.sessions import SessionTable
 from veil import wire
-from veil.errors import NotFound, PayloadTooLarge, ServiceUnavailable, VeilError
+from veil.errors import Conflict, NotFound, PayloadTooLarge, ServiceUnavailable, VeilError
 from veil.http import EXCEPTION_HANDLERS
 from veil.model.decoder import DecoderStack
 from veil.settings import Settings
@@ -51,8 +51,7 @@ def _load(state: CoreState) -> None:
         stack = DecoderStack.load(settings.core_bundle_dir(), device)
         spec = stack.spec
         table = SessionTable(
-            layers=spec.num_layers, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
-            dtype=stack.dtype, device=device, max_sessions=settings.core.max_sessions,
+            stack.new_session, max_sessions=settings.core.max_sessions,
             max_tokens=min(settings.core.max_tokens_per_session, spec.max_positions),
             idle_seconds=settings.core.session_idle_seconds,
         )
@@ -63,13 +62,18 @@ def _load(state: CoreState) -> None:
         log.info("core ready layers=%d dim=%d device=%s load_s=%.1f", spec.num_layers, spec.hidden_size,
                  device, time.perf_counter() - started)
     except VeilError as exc:
-        state.load_error = exc.message
-        log.error("core bundle failed to load: %s", exc.message)
+        state.load_error = f"the core failed to start: {exc.message}"
+        log.error("core failed to start: %s", exc.message)
+    except Exception as exc:  # anything else (out of memory, a driver error) must not look like "still loading"
+        state.load_error = f"the core failed to start ({type(exc).__name__}); see its log"
+        log.error("core failed to start error=%s", type(exc).__name__, exc_info=True)
 
 
 def _scheduler(state: CoreState) -> StepScheduler:
+    if state.load_error is not None:
+        raise ServiceUnavailable(state.load_error, code="load_failed")
     if state.scheduler is None:
-        raise ServiceUnavailable(state.load_error or "the core is still loading its bundle", code="not_ready")
+        raise ServiceUnavailable("the core is still loading its bundle", code="not_ready")
     return state.scheduler
 
 
@@ -80,6 +84,8 @@ async def step(request: Request[Any, Any, CoreState], state: CoreState) -> Respo
     if len(body) > state.settings.core.max_step_bytes:
         raise PayloadTooLarge(f"step body exceeds max_step_bytes={state.settings.core.max_step_bytes}")
     req = wire.decode_request(body)
+    if req.bundle_id != scheduler.stack.spec.bundle_id:
+        raise Conflict("the step is for another cloaked bundle than this core serves", code="bundle_mismatch")
     result = await scheduler.submit(req)
     log.info("step rid=%s rows_in=%d rows_out=%d bytes_in=%d queue_ms=%.2f compute_ms=%.2f",
              req.request_id, req.hidden.shape[0], result.hidden.shape[0], len(body), result.queue_ms,

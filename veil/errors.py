@@ -14,7 +14,14 @@ VeilError (500 server_error)
 ├── RateLimited (429)           a rate or capacity limit; retry later
 ├── BundleError                 a bundle is missing, tampered or mismatched
 ├── PolicyStoreError            the policy store is missing, tampered, rolled back or locked
-└── ServiceUnavailable (503)    the core is unreachable or not ready
+├── ServiceUnavailable (503)    this server, or a service it needs (Redis, JWKS), is not ready
+└── CoreError (502)             the edge could not get a step done by the core; messages are the edge's own
+    ├── CoreUnavailable (503)   the core is unreachable or not ready
+    │   ├── CoreBusy (503)      the core holds its session limit; carries Retry-After
+    │   └── BundleMismatch (503) the core serves another cloaked bundle than this edge holds
+    ├── CoreTimeout (504)       the core did not answer in time
+    ├── SessionLost (502)       the core no longer holds the session (the engine re-prefills)
+    └── CoreProtocolError (502) the core answered with an unexpected status or a malformed frame
 """
 
 from __future__ import annotations
@@ -141,11 +148,60 @@ class PolicyStoreError(VeilError):
 
 
 class ServiceUnavailable(VeilError):
-    """Raised when the core cannot be reached or is not ready."""
+    """Raised when this server, or a service it needs (Redis, a JWKS), is not ready."""
 
     status_code = 503
     error_type = "server_error"
     code = "service_unavailable"
+
+
+class CoreError(VeilError):
+    """Raised by the edge's core transport when a step could not be done; never the client's fault."""
+
+    status_code = 502
+    error_type = "server_error"
+    code = "core_error"
+
+
+class CoreUnavailable(CoreError):
+    """Raised when the core cannot be reached or is not ready."""
+
+    status_code = 503
+    code = "core_unavailable"
+
+
+class CoreBusy(CoreUnavailable):
+    """Raised when the core holds as many sessions as it may; the client should retry shortly."""
+
+    code = "core_busy"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1):
+        super().__init__(message, headers={"retry-after": str(retry_after_s)})
+
+
+class BundleMismatch(CoreUnavailable):
+    """Raised when the core serves another cloaked bundle than the one this edge's rotation belongs to."""
+
+    code = "bundle_mismatch"
+
+
+class CoreTimeout(CoreError):
+    """Raised when the core does not answer within the edge's timeout."""
+
+    status_code = 504
+    code = "core_timeout"
+
+
+class SessionLost(CoreError):
+    """Raised when the core no longer holds a session (idle expiry, restart); the edge can re-prefill."""
+
+    code = "core_session_lost"
+
+
+class CoreProtocolError(CoreError):
+    """Raised when the core answers with a status or a frame the edge did not ask for."""
+
+    code = "core_protocol_error"
 
 
 def error_body(message: str, error_type: str, code: str | None, param: str | None = None) -> dict[str, Any]:

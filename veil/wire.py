@@ -27,13 +27,15 @@ assert sys.byteorder == "little", "the wire format writes the host's bytes as li
 
 @dataclasses.dataclass(slots=True)
 class StepRequest:
-    """New tokens' rotated hidden states for one session, starting at `offset`."""
+    """New tokens' rotated hidden states for one session, starting at `offset`, for one cloaked bundle."""
 
     session: str
     offset: int
     hidden: torch.Tensor  # [n, d] rotated input states
     want: list[int] = dataclasses.field(default_factory=lambda: [-1])  # rows to return, relative to the new tokens
     request_id: str = ""
+    # the bundle whose rotation the states are in; a core serving another bundle refuses the step
+    bundle_id: str = dataclasses.field(kw_only=True)
 
 
 @dataclasses.dataclass(slots=True)
@@ -96,6 +98,7 @@ def encode_request(req: StepRequest) -> bytes:
     header = {
         "v": VERSION,
         "session": req.session,
+        "bundle": req.bundle_id,
         "offset": req.offset,
         "want": req.want,
         "rid": req.request_id,
@@ -113,13 +116,16 @@ def decode_request(data: bytes) -> StepRequest:
         raise InvalidRequest("step needs a session id of 8..128 characters")
     if not isinstance(offset, int) or offset < 0:
         raise InvalidRequest("step offset must be a non-negative integer")
+    bundle = header.get("bundle")
+    if not isinstance(bundle, str) or not 1 <= len(bundle) <= 128:
+        raise InvalidRequest("step needs the bundle id its states belong to")
     hidden = _tensor(header, payload)
     if hidden.shape[0] == 0:
         raise InvalidRequest("step carries no tokens")
     n = hidden.shape[0]
     if not isinstance(want, list) or not want or not all(isinstance(i, int) and -n <= i < n for i in want):
         raise InvalidRequest(f"step want must list row indices in [-{n}, {n})")
-    return StepRequest(session, offset, hidden, want, str(header.get("rid", ""))[:64])
+    return StepRequest(session, offset, hidden, want, str(header.get("rid", ""))[:64], bundle_id=bundle)
 
 
 def encode_result(res: StepResult) -> bytes:

@@ -25,6 +25,7 @@ def core(tiny_bundles, tmp_path_factory):
 
 
 def _step(core: Server, sid: str, offset: int, rows: int, **kw) -> httpx.Response:
+    kw.setdefault("bundle_id", httpx.get(core.url + "/v1/info").json()["bundle_id"])
     body = wire.encode_request(StepRequest(sid, offset, torch.randn(rows, 64), **kw))
     return httpx.post(core.url + "/v1/step", content=body, headers={"content-type": wire.CONTENT_TYPE})
 
@@ -62,8 +63,15 @@ def test_limits_and_bad_steps_are_clear_4xx(core: Server) -> None:
     assert full.status_code == 429 and "max_sessions=2" in full.json()["error"]["message"]
     for sid in ("c3", "e5"):
         httpx.delete(f"{core.url}/v1/sessions/{sid * 16}")
-    wrong_dim = httpx.post(core.url + "/v1/step", content=wire.encode_request(StepRequest("g7" * 16, 0, torch.randn(1, 8))))
+    bundle = httpx.get(core.url + "/v1/info").json()["bundle_id"]
+    wrong_dim = httpx.post(core.url + "/v1/step", content=wire.encode_request(
+        StepRequest("g7" * 16, 0, torch.randn(1, 8), bundle_id=bundle)))
     assert wrong_dim.status_code == 400 and wrong_dim.json()["error"]["code"] == "dim_mismatch"
+
+
+def test_a_step_for_another_bundle_is_refused(core: Server) -> None:
+    other = _step(core, "h8" * 16, 0, 1, bundle_id="0" * 32)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "bundle_mismatch"
 
 
 def test_metrics_expose_what_the_chart_scales_on(core: Server) -> None:
