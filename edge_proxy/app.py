@@ -6,12 +6,11 @@ import logging
 import re
 import secrets
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 
 import anyio
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
-from litestar.response import Stream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from admin.api import admin_router, me_route
@@ -19,16 +18,15 @@ from admin.plane import PolicyPlane, build_plane
 from admin.principal import Principal, Scope
 from admin.ratelimit import rate_limit_headers
 from edge_proxy import openai_shapes as shapes
-from edge_proxy.chat_template import render_prompt, render_with_positions
 from edge_proxy.core_client import CoreTransport, HttpCoreTransport
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.gatekeeper import Gatekeeper
-from edge_proxy.generate import Completion, Engine
+from edge_proxy.generate import Engine
 from edge_proxy.metrics import EdgeMetrics
-from edge_proxy.outgoing import NoiseSpec, SpanNoise
+from edge_proxy.prepare import prepare
+from edge_proxy.respond import ChatResponder
 from edge_proxy.schemas import parse_chat_request
-from edge_proxy.spans.restore import PlaceholderRestorer
-from veil.errors import NotFound, ServiceUnavailable, VeilError
+from veil.errors import NotFound, VeilError
 from veil.http import EXCEPTION_HANDLERS
 from veil.settings import Settings
 
@@ -40,9 +38,8 @@ class EdgeState(State):
     settings: Settings
     model: EdgeModel
     core: CoreTransport
-    engine: Engine | None
+    engine: Engine
     metrics: EdgeMetrics
-    core_verified: bool
     plane: PolicyPlane
     gate: Gatekeeper
     # the admin API reads these three straight off the state
@@ -51,23 +48,13 @@ class EdgeState(State):
     audit: Any
 
 
-async def _verify_core(state: EdgeState) -> Engine:
-    """Check once that the core serves the bundle our Q belongs to; size the context from its limits."""
-    if state.engine is not None and state.core_verified:
-        return state.engine
-    info = await state.core.info()
-    if info.get("bundle_id") != state.model.spec.bundle_id:
-        raise ServiceUnavailable("the core serves a different cloaked bundle than this edge holds; "
-                                 "deploy the core bundle written with this edge bundle", code="bundle_mismatch")
-    limit = min(state.model.spec.max_positions, int(info.get("max_tokens_per_session", 0)) or 1 << 30)
-    state.engine = Engine(state.model, state.core, limit, state.metrics, state.settings.edge.default_max_tokens)
-    state.core_verified = True
-    log.info("core verified context_limit=%d", limit)
-    return state.engine
-
-
 def _model_object(state: EdgeState) -> dict[str, Any]:
     return {"id": state.settings.model.name, "object": "model", "created": 0, "owned_by": "veil"}
+
+
+def _check_model(state: EdgeState, model_id: str) -> None:
+    if model_id != state.settings.model.name:
+        raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
 
 
 def _request_id(request: Request) -> str:
@@ -92,103 +79,26 @@ async def list_models(request: Request, state: EdgeState) -> dict[str, Any]:
 @get("/v1/models/{model_id:str}")
 async def get_model(request: Request, model_id: str, state: EdgeState) -> dict[str, Any]:
     await _principal(request, state, Scope.READ)
-    if model_id != state.settings.model.name:
-        raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+    _check_model(state, model_id)
     return _model_object(state)
 
 
-@post("/v1/chat/completions")
+@post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request[Any, Any, EdgeState], state: EdgeState) -> Response[Any]:
-    started = time.perf_counter()
-    rid = _request_id(request)
+    started, rid = time.perf_counter(), _request_id(request)
+    # guard: who asks, and is the request well-formed
     principal = await _principal(request, state, Scope.GENERATE)
     chat = parse_chat_request(await request.body(), state.model.vocab_size)
-    if chat.model != state.settings.model.name:
-        raise NotFound(f"The model '{chat.model}' does not exist", param="model", code="model_not_found")
-    engine = await _verify_core(state)
-    prompt_ids = render_prompt(state.model.tokenizer, chat.messages)
-    max_new = engine.budget(len(prompt_ids), chat.max_tokens)
-    decision = await state.gate.admit(principal, len(prompt_ids) + max_new, rid)
-    privacy = state.settings.privacy
-    span_noise, restorer = None, None
-    try:
-        messages = state.gate.guard_prompt(principal, chat.messages, rid) or chat.messages
-        protected = await anyio.to_thread.run_sync(state.gate.protect_prompt, principal, messages, rid)
-        if protected is not None:
-            prompt_ids, positions = render_with_positions(state.model.tokenizer, protected.messages, protected.noisy)
-            span_noise = SpanNoise(positions, privacy.span_noise_rho) if positions else None
-            restorer = PlaceholderRestorer(protected.mapping) if protected.mapping else None
-        elif messages is not chat.messages:
-            prompt_ids = render_prompt(state.model.tokenizer, messages)
-        done = Completion(len(prompt_ids), engine.budget(len(prompt_ids), chat.max_tokens))
-    except VeilError:
-        await state.gate.settle(principal, rid, 0)  # refused before the core saw anything: release the reservation
-        raise
+    _check_model(state, chat.model)
+    await state.engine.connect()
+    # prepare: policy, template and budget; then reserve the worst case against the key's limits
+    gen = await prepare(state.gate, state.engine, state.model, state.settings.privacy, principal, chat, rid, started)
+    decision = await state.gate.admit(principal, gen.prompt_tokens + gen.max_new_tokens, rid)
+    # run and respond; the responder settles the reservation however the request ends
     ids = shapes.ChatIds(f"chatcmpl-{secrets.token_hex(12)}", chat.model, f"fp_veil_{state.model.spec.bundle_id[:8]}")
-    noise = NoiseSpec(rho=privacy.noise_rho if principal.noise_rho is None else principal.noise_rho,
-                      clip=privacy.noise_clip or None)
-    generated = engine.run(prompt_ids, chat.sampling, chat.stop, done, rid, noise, span_noise, restorer)
-    deltas = state.gate.guard_output(principal, generated, done, rid)
     headers = {"x-request-id": rid, **rate_limit_headers(decision)}
-
-    async def finished(status: str) -> None:
-        await state.gate.settle(principal, rid, done.prompt_tokens + done.completion_tokens)
-        m = state.metrics
-        if restorer is not None:
-            m.placeholders.labels(outcome="restored").inc(restorer.restored)
-            m.placeholders.labels(outcome="mangled").inc(restorer.mangled)
-        m.requests.labels(status=status).inc()
-        m.prompt_tokens.inc(done.prompt_tokens)
-        m.completion_tokens.inc(done.completion_tokens)
-        elapsed = time.perf_counter() - started
-        ttft = (done.first_token_at - started) if done.first_token_at else elapsed
-        if done.first_token_at:
-            m.ttft.observe(ttft)
-        log.info("chat rid=%s status=%s stream=%s prompt_tokens=%d completion_tokens=%d finish=%s "
-                 "ttft_ms=%.1f total_ms=%.1f", rid, status, chat.stream, done.prompt_tokens,
-                 done.completion_tokens, done.finish_reason, ttft * 1000, elapsed * 1000)
-
-    if not chat.stream:
-        try:
-            text = "".join([piece async for piece in deltas])
-        except VeilError as exc:
-            await finished(str(exc.status_code))
-            raise
-        await finished("200")
-        return Response(shapes.completion_object(ids, text, done), headers=headers)
-
-    # Run the prefill before answering 200, so a dead core is a 503 rather than a broken stream.
-    try:
-        first = await anext(deltas, None)
-    except VeilError as exc:
-        await finished(str(exc.status_code))
-        raise
-
-    async def events() -> AsyncIterator[bytes]:
-        status = "200"
-        try:
-            yield shapes.chunk(ids, {"role": "assistant", "content": "", "refusal": None}, None, chat.include_usage)
-            if first is not None:
-                yield shapes.chunk(ids, {"content": first}, None, chat.include_usage)
-                async for piece in deltas:
-                    yield shapes.chunk(ids, {"content": piece}, None, chat.include_usage)
-            yield shapes.chunk(ids, {}, done.finish_reason, chat.include_usage)
-            if chat.include_usage:
-                yield shapes.usage_chunk(ids, done)
-        except VeilError as exc:
-            status = str(exc.status_code)
-            yield shapes.error_event(exc)
-        except BaseException:
-            status = "disconnected"  # client went away (cancellation) or the server is stopping
-            raise
-        finally:
-            with anyio.CancelScope(shield=True):
-                await deltas.aclose()
-                await finished(status)
-        yield shapes.DONE
-
-    return Stream(events(), media_type="text/event-stream",
-                  headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
+    responder = ChatResponder(state.engine, state.gate, state.metrics, principal, chat, gen, ids, headers)
+    return await responder.respond()
 
 
 @get("/healthz")
@@ -198,7 +108,7 @@ async def healthz() -> dict[str, str]:
 
 @get("/readyz")
 async def readyz(state: EdgeState) -> dict[str, str]:
-    await _verify_core(state)
+    await state.engine.connect()
     return {"status": "ready"}
 
 
@@ -214,14 +124,15 @@ def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None 
                                           settings.edge.core_connections)
     plane = plane or build_plane(settings)
     edge_metrics = EdgeMetrics()
-    state = EdgeState({"settings": settings, "model": model, "core": transport, "engine": None,
-                       "metrics": edge_metrics, "core_verified": False, "plane": plane,
+    engine = Engine(model, transport, edge_metrics, settings.edge.default_max_tokens)
+    state = EdgeState({"settings": settings, "model": model, "core": transport, "engine": engine,
+                       "metrics": edge_metrics, "plane": plane,
                        "gate": Gatekeeper(plane, edge_metrics, settings.privacy.ner_model),
                        "auth": plane.auth, "policy": plane.policy, "audit": plane.audit})
 
     async def on_startup(app: Litestar) -> None:
         try:
-            await _verify_core(state)
+            await engine.connect()
         except VeilError as exc:
             log.warning("core not verified at start-up code=%s; will retry per request", exc.code)
         try:  # build the recognizers of the protect rules now, not on the first request

@@ -1,18 +1,20 @@
-"""The policy stages of a request at the edge: auth -> scope -> rate limit -> guardrails -> span protection.
+"""The policy stages of a request at the edge: auth -> scope -> guardrails -> span protection -> rate limit.
+
+Output rules run inside the reply's text pipeline (edge_proxy/reply_text.py); their blocks are
+recorded here once the request ends.
 
 Every rejection is counted (by key id or reason, never by secret) and written to the audit log.
 """
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from typing import Any
 
 from admin.auth import require
 from admin.guardrails import Guardrails
 from admin.plane import PolicyPlane
 from admin.principal import Principal, Scope
 from admin.ratelimit import RateDecision, rate_limit_headers
-from edge_proxy.generate import Completion
 from edge_proxy.metrics import EdgeMetrics
 from edge_proxy.spans.detect import SpanDetector
 from edge_proxy.spans.protect import ProtectedPrompt, protect
@@ -66,7 +68,8 @@ class Gatekeeper:
         """Correct the reservation to what the request really used."""
         await self.plane.limiter.settle(principal.key_id, request_id=rid, actual_tokens=tokens)
 
-    def _blocked(self, principal: Principal, rule_id: str, rid: str, where: str) -> None:
+    def blocked(self, principal: Principal, rule_id: str, rid: str, where: str) -> None:
+        """Count and audit a guardrail block (prompt or output) by key id and rule id."""
         self.metrics.policy_blocks.labels(key_id=principal.key_id, rule=rule_id).inc()
         self._audit("policy.block", actor=principal.key_id, request_id=rid, rule_id=rule_id, where=where)
 
@@ -76,7 +79,7 @@ class Gatekeeper:
         try:
             redacted, fired = self.plane.policy.guardrails().check_prompt(messages)
         except PolicyViolation as exc:
-            self._blocked(principal, exc.rule_id, rid, "prompt")
+            self.blocked(principal, exc.rule_id, rid, "prompt")
             raise
         if not fired:
             return None
@@ -98,24 +101,3 @@ class Gatekeeper:
         self._audit("policy.protect", actor=principal.key_id, request_id=rid, rules=",".join(rules),
                     spans=len(protected.spans))
         return protected
-
-    async def guard_output(self, principal: Principal, deltas: AsyncIterator[str], done: Completion,
-                           rid: str) -> AsyncIterator[str]:
-        """Output rules hold back what a match could still need; a block ends with `content_filter`."""
-        gate = self.plane.policy.guardrails().output_gate()
-        try:
-            async for piece in deltas:
-                if gate is None:
-                    yield piece
-                    continue
-                text, rule = gate.feed(piece)
-                if text:
-                    yield text
-                if rule is not None:
-                    done.finish_reason = "content_filter"
-                    self._blocked(principal, rule, rid, "output")
-                    return
-            if gate is not None and (tail := gate.flush()):
-                yield tail
-        finally:
-            await deltas.aclose()  # type: ignore[attr-defined]

@@ -1,9 +1,8 @@
-"""One request's generation loop: embed -> core step -> LM head -> sample -> detokenize -> stop."""
+"""The generation loop: embed -> core step -> LM head -> sample -> reply text, one Generation at a time each."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 import time
@@ -13,42 +12,47 @@ import anyio
 import torch
 
 from edge_proxy.core_client import CoreTransport
-from edge_proxy.detokenize import IncrementalDetokenizer, StopMatcher
 from edge_proxy.edge_model import EdgeModel
+from edge_proxy.generation import Generation, Status
 from edge_proxy.metrics import EdgeMetrics
-from edge_proxy.outgoing import NoiseSpec, OutgoingStates, SpanNoise
-from edge_proxy.sampling import Sampler, SamplingParams
-from edge_proxy.spans.restore import PlaceholderRestorer
-from veil.errors import ContextLengthExceeded, NotFound
+from edge_proxy.outgoing import OutgoingStates
+from edge_proxy.reply_text import ReplyText
+from edge_proxy.sampling import Sampler
+from veil.errors import BundleMismatch, ContextLengthExceeded, CoreProtocolError, SessionLost
 from veil.wire import StepRequest
 
 log = logging.getLogger("veil.edge.generate")
 
 
-@dataclasses.dataclass(slots=True)
-class Completion:
-    """Counters of one generation; filled in as it runs."""
-
-    prompt_tokens: int
-    max_new_tokens: int
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    token_ids: list[int] = dataclasses.field(default_factory=list)  # every sampled token, EOS included
-    first_token_at: float | None = None
-
-
 class Engine:
     """Generates for many requests at once; each request holds its own core session."""
 
-    def __init__(self, model: EdgeModel, core: CoreTransport, context_limit: int, metrics: EdgeMetrics,
-                 default_max_tokens: int = 0):
+    def __init__(self, model: EdgeModel, core: CoreTransport, metrics: EdgeMetrics, default_max_tokens: int = 0,
+                 context_limit: int | None = None):
         self.model, self.core, self.metrics = model, core, metrics
-        self.context_limit = context_limit
         self.default_max_tokens = default_max_tokens
+        self.context_limit = context_limit  # known once the core is verified; None means "ask it"
+
+    async def connect(self) -> int:
+        """Check that the core serves the bundle our Q belongs to and size the context from its limits.
+        Done once, and again after the core has answered for another bundle."""
+        if self.context_limit is not None:
+            return self.context_limit
+        info = await self.core.info()
+        if info.get("bundle_id") != self.model.spec.bundle_id:
+            raise BundleMismatch("the core serves a different cloaked bundle than this edge holds; "
+                                 "deploy the core bundle written with this edge bundle")
+        core_limit = info.get("max_tokens_per_session")
+        if core_limit is not None and (not isinstance(core_limit, int) or core_limit < 1):
+            raise CoreProtocolError("the core's /v1/info gives no usable max_tokens_per_session")
+        self.context_limit = min(self.model.spec.max_positions, core_limit or 1 << 30)
+        log.info("core verified context_limit=%d", self.context_limit)
+        return self.context_limit
 
     def budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """New tokens allowed for this prompt, or a 400 naming the limit."""
         limit = self.context_limit
+        assert limit is not None, "connect() first"
         if prompt_tokens >= limit:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {limit} tokens, but the messages resulted in "
@@ -63,24 +67,33 @@ class Engine:
             return min(room, self.default_max_tokens)
         return max_tokens if max_tokens is not None else room
 
+    async def _send(self, outgoing: OutgoingStates, session: str, offset: int, ids: list[int],
+                    rid: str) -> torch.Tensor:
+        # edge-held blocks are real compute: keep them off the event loop
+        states = outgoing(ids, offset) if self.model.edge_stack is None else \
+            await asyncio.to_thread(outgoing, ids, offset)
+        req = StepRequest(session, offset, states, request_id=rid, bundle_id=self.model.spec.bundle_id)
+        try:
+            result = await self.core.step(req)
+        except BundleMismatch:
+            self.context_limit = None  # the core was redeployed: verify it again before the next request
+            raise
+        self.metrics.core_compute.observe(result.compute_ms / 1000)
+        return result.hidden[-1]
+
     async def _step(self, outgoing: OutgoingStates, session: str, offset: int, pending: list[int],
                     history: list[int], rid: str) -> torch.Tensor:
         started = time.perf_counter()
-        # edge-held blocks are real compute: keep them off the event loop
-        states = outgoing(pending, offset) if self.model.edge_stack is None else \
-            await asyncio.to_thread(outgoing, pending, offset)
         try:
-            result = await self.core.step(StepRequest(session, offset, states, request_id=rid))
-        except NotFound as exc:
-            if exc.code != "session_not_found" or offset == 0:
+            hidden = await self._send(outgoing, session, offset, pending, rid)
+        except SessionLost:
+            if offset == 0:
                 raise
             # The core lost the session (idle expiry, restart): the edge has the history, so re-prefill.
             log.warning("core session lost; re-prefilling rid=%s tokens=%d", rid, len(history))
-            states = await asyncio.to_thread(outgoing, history, 0)
-            result = await self.core.step(StepRequest(session, 0, states, request_id=rid))
+            hidden = await self._send(outgoing, session, 0, history, rid)
         self.metrics.step_roundtrip.observe(time.perf_counter() - started)
-        self.metrics.core_compute.observe(result.compute_ms / 1000)
-        return result.hidden[-1]
+        return hidden
 
     def _next_token(self, hidden: torch.Tensor, sampler: Sampler) -> int:
         started = time.perf_counter()
@@ -88,48 +101,43 @@ class Engine:
         self.metrics.head.observe(time.perf_counter() - started)
         return token
 
-    async def run(self, prompt_ids: list[int], params: SamplingParams, stops: list[str], done: Completion,
-                  rid: str, noise: NoiseSpec = NoiseSpec(), span_noise: SpanNoise | None = None,
-                  restorer: PlaceholderRestorer | None = None) -> AsyncIterator[str]:
-        """Yield text deltas; `done` holds counts and the finish reason once the iterator ends.
-
-        Text goes detokenizer -> placeholder restorer -> stop matcher, so stop strings and
-        what the client sees are both about the restored text.
-        """
+    async def run(self, gen: Generation) -> AsyncIterator[str]:
+        """Yield the reply's text deltas; `gen` holds the tokens, counts and the finish reason as it goes."""
         session = secrets.token_hex(16)
-        outgoing = OutgoingStates(self.model, noise, span_noise=span_noise)
-        sampler = Sampler(params, self.model.vocab_size)
-        detok = IncrementalDetokenizer(self.model.tokenizer, prompt_ids)
-        stop = StopMatcher(stops)
-        restore = (lambda text: text) if restorer is None else restorer.feed
-        history, pending, offset = list(prompt_ids), list(prompt_ids), 0
+        outgoing = OutgoingStates(self.model, gen.noise, span_noise=gen.span_noise)
+        sampler = Sampler(gen.sampling, self.model.vocab_size)
+        reply = ReplyText(self.model.tokenizer, gen.prompt_ids, gen.stops, gen.restorer, gen.output_gate)
+        history, pending, offset = list(gen.prompt_ids), list(gen.prompt_ids), 0
+        gen.status = Status.RUNNING
         try:
             while True:
-                hidden = await self._step(outgoing, session, offset, pending, history, rid)
+                hidden = await self._step(outgoing, session, offset, pending, history, gen.request_id)
                 offset += len(pending)
                 token = await asyncio.to_thread(self._next_token, hidden, sampler)
-                done.completion_tokens += 1
-                done.token_ids.append(token)
-                if done.first_token_at is None:
-                    done.first_token_at = time.perf_counter()
+                gen.add_token(token)
                 if token in self.model.eos_ids:
-                    done.finish_reason = "stop"
+                    reason = "stop"
                     break
                 history.append(token)
-                text, stopped = stop.feed(restore(detok.push(token)))
+                text, ended = reply.push(token)
                 if text:
                     yield text
-                if stopped:
-                    done.finish_reason = "stop"
+                if ended is not None:
+                    gen.blocked_rule = reply.blocked_rule
+                    gen.finish(ended)
                     return
-                if done.completion_tokens >= done.max_new_tokens:
-                    done.finish_reason = "length"
+                if not gen.room_left:
+                    reason = "length"
                     break
                 pending = [token]
-            text, stopped = stop.feed(restore(detok.flush()) + (restorer.flush() if restorer else ""))
-            tail = text if stopped else text + stop.flush()
+            tail, blocked = reply.finish()
             if tail:
                 yield tail
+            gen.blocked_rule = reply.blocked_rule
+            gen.finish("content_filter" if blocked else reason)
+        except BaseException as exc:
+            gen.abandon(cancelled=isinstance(exc, (GeneratorExit, asyncio.CancelledError)))
+            raise
         finally:
             # Runs on completion, error and client disconnect; shielded so cancellation cannot skip it.
             with anyio.CancelScope(shield=True):

@@ -1,13 +1,11 @@
-"""OpenAI response objects and SSE framing for chat completions."""
+"""OpenAI response objects for chat completions (framing for streams is in edge_proxy/sse.py)."""
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
-from edge_proxy.generate import Completion
-from veil.errors import VeilError
+from edge_proxy.generation import Generation
 
 
 class ChatIds:
@@ -22,43 +20,31 @@ class ChatIds:
                 "system_fingerprint": self.fingerprint}
 
 
-def usage(done: Completion) -> dict[str, int]:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+def usage(gen: Generation) -> dict[str, int]:
+    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+            "total_tokens": gen.total_tokens}
 
 
-def completion_object(ids: ChatIds, text: str, done: Completion) -> dict[str, Any]:
+def completion_object(ids: ChatIds, text: str, gen: Generation) -> dict[str, Any]:
     return {
         **ids.base("chat.completion"),
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": text, "refusal": None},
             "logprobs": None,
-            "finish_reason": done.finish_reason,
+            "finish_reason": gen.finish_reason,
         }],
-        "usage": usage(done),
+        "usage": usage(gen),
     }
 
 
-def sse(data: dict[str, Any] | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
-
-
-def chunk(ids: ChatIds, delta: dict[str, Any], finish_reason: str | None, with_usage: bool) -> bytes:
+def chunk(ids: ChatIds, delta: dict[str, Any], finish_reason: str | None, with_usage: bool) -> dict[str, Any]:
     obj = {**ids.base("chat.completion.chunk"),
            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
     if with_usage:
         obj["usage"] = None
-    return sse(obj)
+    return obj
 
 
-def usage_chunk(ids: ChatIds, done: Completion) -> bytes:
-    return sse({**ids.base("chat.completion.chunk"), "choices": [], "usage": usage(done)})
-
-
-def error_event(exc: VeilError) -> bytes:
-    return sse(exc.to_openai())
-
-
-DONE = sse("[DONE]")
+def usage_chunk(ids: ChatIds, gen: Generation) -> dict[str, Any]:
+    return {**ids.base("chat.completion.chunk"), "choices": [], "usage": usage(gen)}

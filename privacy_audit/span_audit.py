@@ -38,8 +38,8 @@ import torch
 from admin.guardrails import DEFAULT_ENTITIES, GuardrailRule
 from cloaking.checkpoint import Checkpoint
 from edge_proxy.chat_template import render_with_positions
-from edge_proxy.detokenize import IncrementalDetokenizer
 from edge_proxy.outgoing import NoiseSpec, OutgoingStates, SpanNoise
+from edge_proxy.reply_text import ReplyText
 from edge_proxy.spans.detect import SpanDetector
 from edge_proxy.spans.protect import ProtectedPrompt, protect
 from edge_proxy.spans.restore import PlaceholderRestorer
@@ -206,15 +206,14 @@ def canary_recovery(recovered: Sequence[Sequence[int]], prompts: Sequence[SpanPr
 
 def client_reply(tokenizer: Any, prompt_ids: list[int], reply_ids: Sequence[int], eos_ids: frozenset[int],
                  restorer: PlaceholderRestorer | None) -> str:
-    """The reply text as the client gets it: detokenizer -> placeholder restorer, token by token (generate.py)."""
-    detok = IncrementalDetokenizer(tokenizer, prompt_ids)
-    restore = (lambda text: text) if restorer is None else restorer.feed
+    """The reply text as the client gets it, through the edge's own pipeline (edge_proxy/reply_text.py)."""
+    reply = ReplyText(tokenizer, prompt_ids, [], restorer)
     pieces = []
     for token in reply_ids:
         if token in eos_ids:
             break
-        pieces.append(restore(detok.push(token)))
-    pieces.append(restore(detok.flush()) + (restorer.flush() if restorer else ""))
+        pieces.append(reply.push(token)[0])
+    pieces.append(reply.finish()[0])
     return "".join(pieces)
 
 

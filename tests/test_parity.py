@@ -12,7 +12,8 @@ from cloaking.secretbox import KeySource
 from edge_proxy.chat_template import render_prompt
 from edge_proxy.core_client import HttpCoreTransport
 from edge_proxy.edge_model import EdgeModel
-from edge_proxy.generate import Completion, Engine
+from edge_proxy.generate import Engine
+from edge_proxy.generation import Generation
 from edge_proxy.metrics import EdgeMetrics
 from edge_proxy.sampling import SamplingParams
 from tests.conftest import SMOL_NAME, reference_greedy
@@ -44,14 +45,15 @@ def _until_eos(ids: list[int], eos: frozenset[int]) -> list[int]:
 
 async def _veil_greedy(model: EdgeModel, core_url: str, prompt_ids: list[int], n: int) -> list[int]:
     transport = HttpCoreTransport(core_url, 60, 4)
-    engine = Engine(model, transport, context_limit=model.spec.max_positions, metrics=EdgeMetrics())
-    done = Completion(prompt_tokens=len(prompt_ids), max_new_tokens=n)
+    engine = Engine(model, transport, EdgeMetrics())
+    gen = Generation("parity", prompt_ids, n, SamplingParams(temperature=0.0))
     try:
-        async for _ in engine.run(prompt_ids, SamplingParams(temperature=0.0), [], done, "parity"):
+        await engine.connect()
+        async for _ in engine.run(gen):
             pass
     finally:
         await transport.aclose()
-    return done.token_ids
+    return gen.output_ids
 
 
 def _check_pair(ckpt, pair: VeilPair, edge_model: EdgeModel, model_name: str, prompts: list[str], n: int) -> None:

@@ -14,7 +14,8 @@ from cloaking.cloak import cloak, fold_layer, unseal_rotation
 from cloaking.secretbox import KeySource
 from edge_proxy.chat_template import render_prompt
 from edge_proxy.edge_model import EdgeModel
-from edge_proxy.generate import Completion, Engine
+from edge_proxy.generate import Engine
+from edge_proxy.generation import Generation, Status
 from edge_proxy.metrics import EdgeMetrics
 from edge_proxy.outgoing import NoiseSpec, OutgoingStates
 from edge_proxy.sampling import SamplingParams
@@ -40,17 +41,19 @@ def layered(tiny_checkpoints, key_file: Path, tmp_path_factory) -> dict:
 
 def _greedy(model: EdgeModel, core: InProcessCore, prompt_ids: list[int], n: int, noise: NoiseSpec = NoiseSpec(),
             seed: int | None = None) -> list[int]:
-    engine = Engine(model, core, context_limit=model.spec.max_positions, metrics=EdgeMetrics())
-    done = Completion(prompt_tokens=len(prompt_ids), max_new_tokens=n)
+    engine = Engine(model, core, EdgeMetrics())
+    gen = Generation("t", prompt_ids, n, SamplingParams(temperature=0.0), noise=noise)
 
     async def run() -> None:
-        async for _ in engine.run(prompt_ids, SamplingParams(temperature=0.0), [], done, "t", noise):
+        await engine.connect()
+        async for _ in engine.run(gen):
             pass
 
     if seed is not None:
         torch.manual_seed(seed)
     asyncio.run(run())
-    return done.token_ids
+    assert gen.status is Status.FINISHED
+    return gen.output_ids
 
 
 def _until_eos(ids: list[int], eos: frozenset[int]) -> list[int]:

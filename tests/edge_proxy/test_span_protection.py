@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from admin.plane import build_plane
 from cloaking.secretbox import KeySource
@@ -21,9 +18,9 @@ from edge_proxy.app import create_app
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.spans.restore import PLACEHOLDER
 from tests.conftest import SMOL_NAME
+from tests.edge_app import ThreadedEdge
 from tests.inprocess_core import InProcessCore
 from veil.settings import Settings
-from veil_cli.processes import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -38,29 +35,6 @@ COPY = [{"role": "user", "content": f"Write a short email to {NAME} confirming t
 LETTER = [{"role": "user", "content": f"Write one sentence to {NAME} ({EMAIL}) saying invoice {INVOICE} is paid."}]
 
 
-class _Edge:
-    """The edge app under uvicorn in a thread, on a loopback port."""
-
-    def __init__(self, app, port: int):
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError("edge did not start")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-
-
 @pytest.fixture(scope="module")
 def protected(smol_bundles, key_file: Path, tmp_path_factory):
     edge_dir, core_dir = smol_bundles
@@ -72,7 +46,7 @@ def protected(smol_bundles, key_file: Path, tmp_path_factory):
         plane.policy.add_guardrail(rule)
     model = EdgeModel.load(edge_dir, KeySource(key_file=key_file))
     core = InProcessCore(core_dir)
-    edge = _Edge(create_app(settings, model, core=core, plane=plane), free_port())
+    edge = ThreadedEdge(create_app(settings, model, core=core, plane=plane))
     client = openai.OpenAI(base_url=edge.url + "/v1", api_key="unused", max_retries=0)
     yield {"client": client, "core": core, "model": model, "edge": edge}
     edge.stop()
