@@ -24,8 +24,11 @@ install: $(STAMP)
 up: install
 	$(VENV)/bin/veil up
 
+# ruff, the import contracts of pyproject.toml (lint-imports) and the type checker over the packages
 lint: install
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
 
 test: install lint
 	bash scripts/ensure_redis.sh

@@ -61,7 +61,7 @@ def _rid(request: Request) -> str | None:
 
 
 async def _caller(request: Request, scope: Scope) -> Principal:
-    state: AdminState = request.app.state  # type: ignore[assignment]
+    state: AdminState = request.app.state
     principal = await state.auth.authenticate(request.headers)
     require(principal, scope)
     return principal

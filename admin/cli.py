@@ -38,6 +38,7 @@ def _rule_matcher(rule: dict[str, Any]) -> str:
 def add_parser(sub: Any) -> None:
     admin = sub.add_parser("admin", help="manage keys, limits, guardrails, audit and policy of a running edge")
     admin.add_argument("--json", action="store_true", help="machine-readable output")
+    admin.set_defaults(run=run)
     groups = admin.add_subparsers(dest="admin_group", required=True)
 
     keys = groups.add_parser("keys", help="API keys").add_subparsers(dest="admin_action", required=True)

@@ -42,7 +42,7 @@ _KTY_FOR_ALG = {
     "EdDSA": "OKP",
 }
 _CURVE_FOR_ALG = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
-_FROM_JWK = {"RSA": RSAAlgorithm, "EC": ECAlgorithm, "OKP": OKPAlgorithm}
+_FROM_JWK: dict[str, Any] = {"RSA": RSAAlgorithm, "EC": ECAlgorithm, "OKP": OKPAlgorithm}
 _KNOWN_SCOPES = frozenset(s.value for s in Scope)
 _JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _PREFIX = "invalid bearer token: "

@@ -117,7 +117,7 @@ def fold_layer(sd: dict[str, torch.Tensor], i: int, q: torch.Tensor,
     return {k: v.float().contiguous() for k, v in out.items()}
 
 
-def _eos_ids(ckpt: Checkpoint) -> list[int]:
+def eos_ids(ckpt: Checkpoint) -> list[int]:
     ids: set[int] = set()
     gen = getattr(ckpt.model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
@@ -215,7 +215,7 @@ def cloak(
                 hidden_size=spec.hidden_size,
                 rms_norm_eps=spec.rms_norm_eps,
                 tied_embeddings=tied,
-                eos_token_ids=_eos_ids(ckpt),
+                eos_token_ids=eos_ids(ckpt),
                 max_positions=spec.max_positions,
                 bundle_id=bundle_id,
                 edge_layers=edge_layers,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -17,7 +18,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from veil.errors import BundleError
+from veil.settings import Settings
 
+log = logging.getLogger("veil.cloak")
 KEY_BYTES = 32
 # scrypt cost: ~64 MiB and well under a second; memory-hard against GPU guessing.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**16, 8, 1
@@ -85,3 +88,17 @@ def unseal(blob: bytes, source: KeySource, aad: bytes = b"") -> bytes:
         return AESGCM(source.derive(salt)).decrypt(nonce, ct, aad)
     except InvalidTag as exc:
         raise BundleError("sealed secret failed authentication: wrong key or tampered file") from exc
+
+
+def key_source(settings: Settings, create: bool = False) -> KeySource:
+    """The bundle key: VEIL_BUNDLE_PASSPHRASE if set, else the key file (created on first use if asked)."""
+    if settings.bundle.passphrase:
+        return KeySource(passphrase=settings.bundle.passphrase)
+    path = settings.key_file_path()
+    if not path.exists():
+        if not create:
+            raise BundleError(f"no bundle key: set VEIL_BUNDLE_PASSPHRASE or create the key file {path}",
+                              code="config_error")
+        create_key_file(path)
+        log.info("created bundle key file %s (mode 0600); keep it with the edge bundle", path)
+    return KeySource(key_file=path)

@@ -5,8 +5,10 @@
 #   docker build -f docker/core.Dockerfile --build-arg VARIANT=cpu  -t veil-core:0.1.0-cpu  .
 # No model weights are baked in: mount the core bundle from `veil cloak` and point
 # VEIL_CORE_BUNDLE at it (the Helm chart in helm/veil-core does this).
-# Only veil/ and core_server/ are copied: the core ships without tokenizer,
-# embedding, sampling or policy code.
+# Only veil/ (errors, settings, wire, bundle, http, logs, model maths) and
+# core_server/ are copied: the core ships without tokenizer, embedding, sampling,
+# cloaking or policy code, and without the `veil` composition root; its command
+# is `veil-core` (core_server/cli.py).
 
 ARG VARIANT=cuda
 
@@ -44,7 +46,7 @@ COPY pyproject.toml README.md ./
 COPY veil ./veil
 COPY core_server ./core_server
 RUN pip install . \
- && veil --help >/dev/null
+ && veil-core --help >/dev/null
 
 # ---- runtime: the venv, a non-root user, nothing else ----
 # hadolint ignore=DL3006
@@ -74,4 +76,4 @@ USER 10001:10001
 # Healthy once the bundle is loaded (/readyz); large models take minutes to load.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
   CMD ["python", "/usr/local/bin/veil-healthcheck", "--port-env", "VEIL_CORE_PORT", "/readyz"]
-ENTRYPOINT ["veil", "core"]
+ENTRYPOINT ["veil-core"]

@@ -38,6 +38,7 @@ def _settings_list(text: str) -> list[Setting]:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("audit-privacy", help="attack the defenses as the core operator would; write table and plot")
+    p.set_defaults(run=run)
     p.add_argument("--out", required=True, help="folder for results.md, results.json and frontier.png")
     p.add_argument("--quick", action="store_true",
                    help=f"{QUICK_PROMPTS} prompts, settings none, rho 0.1, 1 and 3, k=2: about two minutes, for CI")

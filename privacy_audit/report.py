@@ -91,7 +91,7 @@ def frontier(doc: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 6), dpi=120)
-    colors = plt.get_cmap("tab20").colors
+    colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]  # a ListedColormap
     for i, r in enumerate(doc["results"]):
         u = r["utility"]["top1_agreement"]
         p = r["attacks"][r["best_attack"]]["token_recovery"]

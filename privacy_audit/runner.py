@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from cloaking.checkpoint import Checkpoint
-from cloaking.cloak import cloak, unseal_rotation
+from cloaking.cloak import cloak, eos_ids, unseal_rotation
 from cloaking.secretbox import KeySource, create_key_file
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.outgoing import NoiseSpec
@@ -96,7 +96,7 @@ class Audit:
     def reference(self) -> None:
         stage = "reference: unprotected model"
         self.progress(stage, 0)
-        eos = frozenset(int(e) for e in _eos_ids(self.ckpt))
+        eos = frozenset(int(e) for e in eos_ids(self.ckpt))  # the ids `veil cloak` writes into the edge bundle
         self.references = reference_replies(self.public.stack(), self.public.embed, self.public.logits, self.encoded,
                                             eos, self.config.max_new, on_batch=lambda n: self.progress(stage, n))
 
@@ -179,12 +179,6 @@ class Audit:
 
 def _as_dicts(d: dict[str, metrics.Estimate]) -> dict[str, dict[str, Any]]:
     return {k: v.as_dict() for k, v in d.items()}
-
-
-def _eos_ids(ckpt: Checkpoint) -> list[int]:
-    from cloaking.cloak import _eos_ids as eos  # the ids `veil cloak` writes into the edge bundle
-
-    return eos(ckpt)
 
 
 def deploy(ckpt: Checkpoint, root: Path, k: int) -> _Deployment:

@@ -179,7 +179,7 @@ def _apply(obj: Any, values: Mapping[str, Any], where: str) -> None:
         if key not in hints:
             raise ConfigError(f"unknown setting {where}{key}")
         kind = hints[key]
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}{key} must be a mapping")
             _apply(getattr(obj, key), value, f"{where}{key}.")
@@ -212,7 +212,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if alias in environ:
             out.setdefault(section, {})[field] = environ[alias]
     for name, kind in _section_types(Settings).items():
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             for field in _section_types(kind):
                 env = f"VEIL_{name}_{field}".upper()
                 if env in environ:

@@ -1,4 +1,7 @@
-"""Real Veil servers for tests: `veil core` / `veil edge` subprocesses on free loopback ports."""
+"""Veil servers as child processes: `veil core` / `veil edge` on loopback ports, waited on until ready.
+
+`veil up` runs its pair this way; tests and benchmarks do the same with their own settings.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import httpx
+
+from veil.errors import VeilError
 
 
 def free_port() -> int:
@@ -19,29 +25,38 @@ def free_port() -> int:
 
 
 class Server:
-    """One `python -m veil <role>` process whose stderr goes to a log file the test can read."""
+    """One `python -m veil_cli <role>` process; its output goes to a log file, or to this console if none."""
 
-    def __init__(self, role: str, env: dict[str, str], port: int, log_path: Path):
+    def __init__(self, role: str, env: dict[str, str], port: int, log_path: Path | None = None,
+                 host: str = "127.0.0.1", config: str | None = None):
         self.role, self.port, self.log_path = role, port, log_path
-        self.url = f"http://127.0.0.1:{port}"
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "veil_cli", role], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        self.url = f"http://{host}:{port}"
+        self._log: IO[str] | None = open(log_path, "w") if log_path is not None else None
+        command = [sys.executable, "-m", "veil_cli"] + (["--config", config] if config else []) + [role]
+        self.proc = subprocess.Popen(command, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT if self._log else None)
 
     def wait_ready(self, timeout: float = 180) -> "Server":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.role} exited ({self.proc.returncode}): {self.log()[-2000:]}")
+                raise VeilError(f"veil {self.role} exited during start-up (exit code {self.proc.returncode})"
+                                + (f": {self.log()[-2000:]}" if self._log else ""))
             try:
                 if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"{self.role} not ready after {timeout}s: {self.log()[-2000:]}")
+        raise VeilError(f"veil {self.role} was not ready after {timeout:.0f}s"
+                        + (f": {self.log()[-2000:]}" if self._log else ""))
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
 
     def log(self) -> str:
+        if self._log is None or self.log_path is None:
+            return ""
         self._log.flush()
         return self.log_path.read_text()
 
@@ -52,11 +67,13 @@ class Server:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        self._log.close()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
 
 
 def base_env(home: Path, **settings: str) -> dict[str, str]:
-    """The test process's environment without VEIL_* leftovers, plus the given settings."""
+    """This process's environment without VEIL_* leftovers, plus the given settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VEIL_")}
     env.update({"HF_HUB_OFFLINE": "1", "VEIL_HOME": str(home), "VEIL_LOG_LEVEL": "info"})
     env.update(settings)
@@ -72,7 +89,7 @@ class VeilPair:
         common = {"VEIL_BUNDLE_KEY_FILE": str(key_file), "VEIL_MODEL_NAME": model_name}
         self.core = Server("core", base_env(tmp, VEIL_CORE_PORT=str(core_port), VEIL_CORE_BUNDLE=str(core_bundle),
                                             **common, **(core_env or {})), core_port, tmp / f"core-{core_port}.log")
-        self.edge = None
+        self.edge: Server | None = None
         try:
             self.core.wait_ready()
             self.edge = Server("edge", base_env(tmp, VEIL_EDGE_PORT=str(edge_port),

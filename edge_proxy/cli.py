@@ -1,0 +1,33 @@
+"""`veil edge`: serve the OpenAI-compatible API with the edge bundle and the policy plane."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+import uvicorn
+
+from admin.plane import build_plane
+from cloaking.secretbox import key_source
+from edge_proxy.app import create_app
+from edge_proxy.edge_model import EdgeModel
+from veil.settings import Settings
+
+
+def add_parser(sub: Any) -> None:
+    sub.add_parser("edge", help="run the edge proxy (OpenAI-compatible API)").set_defaults(run=run)
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    if settings.edge.threads > 0:
+        torch.set_num_threads(settings.edge.threads)
+    plane = build_plane(settings)  # refuses a bad policy store before any weights load
+    if plane.bootstrap_secret:
+        # Shown once on the console, never logged: the only copy of the first admin key.
+        print(f"\n  Bootstrap admin key (shown once; store it, then use it as VEIL_ADMIN_KEY):\n"
+              f"  {plane.bootstrap_secret}\n", flush=True)
+    model = EdgeModel.load(settings.edge_bundle_dir(), key_source(settings))
+    uvicorn.run(create_app(settings, model, plane=plane), host=settings.edge.host, port=settings.edge.port,
+                log_config=None, access_log=False, timeout_graceful_shutdown=5)
+    return 0

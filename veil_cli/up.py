@@ -1,0 +1,48 @@
+"""`veil up`: cloak the bundled model on first run, then run core and edge on loopback until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from cloaking import cli as cloak_cli
+from veil.bundle import CORE_SPEC, EDGE_SPEC, bundle_exists
+from veil.settings import Settings
+from veil_cli.processes import Server
+
+
+def add_parser(sub: Any) -> None:
+    up = sub.add_parser("up", help="cloak the model on first run, start core and edge on loopback")
+    up.add_argument("--timeout", type=float, default=600, help="seconds to wait for each server")
+    up.set_defaults(run=run)
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    if not (bundle_exists(settings.edge_bundle_dir(), EDGE_SPEC) and bundle_exists(settings.core_bundle_dir(), CORE_SPEC)):
+        print("first run: cloaking the model (once) ...", file=sys.stderr)
+        cloak_cli.run(settings, argparse.Namespace(checkpoint=None, edge_out=None, core_out=None, force=True,
+                                                   edge_layers=0))
+    env = dict(os.environ)
+    env["VEIL_BUNDLE_KEY_FILE"] = str(settings.key_file_path())
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    servers: list[Server] = []
+    try:
+        servers.append(Server("core", env, settings.core.port, host=settings.core.host, config=args.config))
+        servers[0].wait_ready(args.timeout)
+        servers.append(Server("edge", env, settings.edge.port, host=settings.edge.host, config=args.config))
+        servers[1].wait_ready(args.timeout)
+        print(f"\nVeil is up. OpenAI base URL: http://{settings.edge.host}:{settings.edge.port}/v1  "
+              f"model: {settings.model.name}\n(Ctrl-C stops it)", flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        while all(s.running() for s in servers):
+            time.sleep(0.5)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for s in servers:
+            s.stop()
