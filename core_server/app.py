@@ -12,6 +12,7 @@ from litestar import Litestar, Request, Response, delete, get, post
 from litestar.datastructures import State
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from core_server.memory import AUTO_SHARE, free_bytes, plan_kv
 from core_server.metrics import CoreMetrics
 from core_server.scheduler import StepScheduler
 from core_server.sessions import SessionTable
@@ -49,13 +50,15 @@ def _load(state: CoreState) -> None:
             torch.set_num_threads(settings.core.threads)
         device = _device(settings.core.device)
         stack = DecoderStack.load(settings.core_bundle_dir(), device)
-        spec = stack.spec
-        table = SessionTable(
-            stack.new_session, max_sessions=settings.core.max_sessions,
-            max_tokens=min(settings.core.max_tokens_per_session, spec.max_positions),
-            idle_seconds=settings.core.session_idle_seconds,
-        )
-        scheduler = StepScheduler(stack, table, state.metrics, settings.core.max_batch_tokens)
+        spec, core = stack.spec, settings.core
+        max_tokens = min(core.max_tokens_per_session, spec.max_positions)
+        plan = plan_kv(layers=spec.num_layers, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=stack.dtype,
+                       max_tokens=max_tokens, max_sessions=core.max_sessions,
+                       budget_bytes=core.kv_budget_bytes or int(AUTO_SHARE * free_bytes(device)))
+        table = SessionTable(stack.new_session, max_sessions=plan.max_sessions, max_tokens=max_tokens,
+                             idle_seconds=core.session_idle_seconds)
+        scheduler = StepScheduler(stack, table, state.metrics, core.max_batch_tokens,
+                                  max_queued=core.max_queued_steps)
         scheduler.start()
         state.scheduler = scheduler
         state.metrics.ready.set(1)
@@ -74,6 +77,8 @@ def _scheduler(state: CoreState) -> StepScheduler:
         raise ServiceUnavailable(state.load_error, code="load_failed")
     if state.scheduler is None:
         raise ServiceUnavailable("the core is still loading its bundle", code="not_ready")
+    if state.scheduler.failure is not None:
+        raise ServiceUnavailable(state.scheduler.failure, code="runner_failed")
     return state.scheduler
 
 
@@ -84,6 +89,9 @@ async def step(request: Request[Any, Any, CoreState], state: CoreState) -> Respo
     if len(body) > state.settings.core.max_step_bytes:
         raise PayloadTooLarge(f"step body exceeds max_step_bytes={state.settings.core.max_step_bytes}")
     req = wire.decode_request(body)
+    if len(req.want) > state.settings.core.max_result_rows:
+        raise PayloadTooLarge(f"a step may ask for at most max_result_rows={state.settings.core.max_result_rows} rows",
+                              code="result_rows_limit")
     if req.bundle_id != scheduler.stack.spec.bundle_id:
         raise Conflict("the step is for another cloaked bundle than this core serves", code="bundle_mismatch")
     result = await scheduler.submit(req)

@@ -15,7 +15,7 @@ import torch
 
 from core_server.metrics import CoreMetrics
 from core_server.sessions import SessionTable
-from veil.errors import InvalidRequest, VeilError
+from veil.errors import InvalidRequest, ServiceUnavailable, VeilError
 from veil.model.decoder import DecoderStack
 from veil.model.kv import Segment
 from veil.wire import StepRequest, StepResult
@@ -35,9 +35,10 @@ class StepScheduler:
     """Owns the queue of steps and the thread that runs them; sessions live in `table`."""
 
     def __init__(self, stack: DecoderStack, table: SessionTable, metrics: CoreMetrics, max_batch_tokens: int,
-                 clock: Callable[[], float] = time.monotonic):
+                 max_queued: int = 1024, clock: Callable[[], float] = time.monotonic):
         self.stack, self.table, self.metrics = stack, table, metrics
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens, self.max_queued = max_batch_tokens, max_queued
+        self.failure: str | None = None  # set when the runner cannot go on; /readyz then says so
         self.clock = clock
         self._waiting: collections.deque[_Pending] = collections.deque()
         self._cond = threading.Condition()
@@ -61,6 +62,12 @@ class StepScheduler:
         """Queue a step; the future resolves once a batch has run it."""
         fut: concurrent.futures.Future[StepResult] = concurrent.futures.Future()
         with self._cond:
+            if self.failure is not None:
+                raise ServiceUnavailable(self.failure, code="runner_failed")
+            if len(self._waiting) >= self.max_queued:
+                self.metrics.errors.labels(code="queue_full").inc()
+                raise ServiceUnavailable(f"the core's step queue is full (max_queued_steps={self.max_queued})",
+                                         code="queue_full", headers={"retry-after": "1"})
             self._waiting.append(_Pending(req, fut, time.perf_counter()))
             self.metrics.queued_steps.set(len(self._waiting))
             self._cond.notify()
@@ -106,13 +113,26 @@ class StepScheduler:
         return len(batch)
 
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                if self._running and not self._waiting:
-                    self._cond.wait(timeout=SWEEP_SECONDS)
-                if not self._running:
-                    return
-            self.tick()
+        try:
+            while True:
+                with self._cond:
+                    if self._running and not self._waiting:
+                        self._cond.wait(timeout=SWEEP_SECONDS)
+                    if not self._running:
+                        return
+                self.tick()
+        except BaseException as exc:  # the runner is gone: say so and fail whatever still waits
+            self._fail(f"the core's runner stopped ({type(exc).__name__}); restart the core")
+            log.critical("runner stopped error=%s", type(exc).__name__, exc_info=True)
+
+    def _fail(self, reason: str) -> None:
+        with self._cond:
+            self.failure, waiting = reason, list(self._waiting)
+            self._waiting.clear()
+        self.metrics.ready.set(0)
+        for item in waiting:
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(ServiceUnavailable(reason, code="runner_failed"))
 
     def _admit(self, item: _Pending) -> Segment | None:
         """The step's segment, or None after failing its future with the reason."""
@@ -135,8 +155,11 @@ class StepScheduler:
         x = torch.cat([item.req.hidden for item, _ in admitted])
         try:
             out = self.stack.step(x, [seg for _, seg in admitted])
-        except Exception as exc:  # never let one bad batch kill the runner thread
+        except Exception as exc:  # out of memory or any other failure costs this batch only
             log.error("forward failed error=%s steps=%d", type(exc).__name__, len(admitted))
+            del x
+            if self.stack.device.type == "cuda":
+                torch.cuda.empty_cache()  # hand back what the failed forward held
             for item, _ in admitted:
                 self.metrics.errors.labels(code="forward_failed").inc()
                 item.future.set_exception(VeilError("the core failed to run this step", code="forward_failed"))

@@ -45,8 +45,8 @@ def core_refusal(status: int, code: str | None) -> CoreError:
     """The edge's error for a core that answered `status` with error `code`."""
     if status == 404 and code == "session_not_found":
         return SessionLost("the core no longer holds this generation's session")
-    if status == 429:
-        return CoreBusy("the core is at its session capacity; retry shortly")
+    if status == 429 or (status == 503 and code == "queue_full"):
+        return CoreBusy("the core is at its capacity; retry shortly")
     if status == 409 and code == "bundle_mismatch":
         return BundleMismatch("the core serves a different cloaked bundle than this edge holds; "
                               "deploy the core bundle written with this edge bundle")

@@ -60,6 +60,9 @@ class CoreSettings:
     session_idle_seconds: int = 300
     max_batch_tokens: int = 8192
     max_step_bytes: int = 64 * 1024 * 1024
+    max_result_rows: int = 64  # rows one step may ask back (`want`); 413 beyond
+    max_queued_steps: int = 1024  # steps waiting for the runner; 503 queue_full (Retry-After) beyond
+    kv_budget_bytes: int = 0  # worst-case KV memory of all sessions; 0 = 90% of what the device has free
     threads: int = 0  # torch intra-op threads; 0 = torch default
 
 
@@ -127,6 +130,9 @@ class Settings:
                 raise ConfigError(f"port {port} is out of range 0..65535")
         if self.core.max_sessions < 1 or self.core.max_tokens_per_session < 1:
             raise ConfigError("core.max_sessions and core.max_tokens_per_session must be >= 1")
+        if self.core.max_result_rows < 1 or self.core.max_queued_steps < 1 or self.core.kv_budget_bytes < 0:
+            raise ConfigError("core.max_result_rows and core.max_queued_steps must be >= 1, "
+                              "core.kv_budget_bytes >= 0")
         if self.core.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("core.device must be one of auto, cpu, cuda")
         if self.privacy.noise_rho < 0 or self.privacy.noise_clip < 0:

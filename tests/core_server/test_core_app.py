@@ -69,6 +69,11 @@ def test_limits_and_bad_steps_are_clear_4xx(core: Server) -> None:
     assert wrong_dim.status_code == 400 and wrong_dim.json()["error"]["code"] == "dim_mismatch"
 
 
+def test_a_step_may_not_ask_for_more_rows_than_the_cap(core: Server) -> None:
+    greedy = _step(core, "i9" * 16, 0, 1, want=[0] * 65)  # 22 bytes of want, 65 rows of answer
+    assert greedy.status_code == 413 and greedy.json()["error"]["code"] == "result_rows_limit"
+
+
 def test_a_step_for_another_bundle_is_refused(core: Server) -> None:
     other = _step(core, "h8" * 16, 0, 1, bundle_id="0" * 32)
     assert other.status_code == 409 and other.json()["error"]["code"] == "bundle_mismatch"

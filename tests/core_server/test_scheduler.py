@@ -12,7 +12,7 @@ import torch
 from core_server.metrics import CoreMetrics
 from core_server.scheduler import SWEEP_SECONDS, StepScheduler
 from core_server.sessions import SessionTable
-from veil.errors import InvalidRequest, NotFound, VeilError
+from veil.errors import InvalidRequest, NotFound, ServiceUnavailable, VeilError
 from veil.model.kv import Segment, Session
 from veil.wire import StepRequest
 
@@ -31,6 +31,7 @@ class RecordingStack:
     """Stands in for DecoderStack: out = 2·x, and it records each batch as (offset, n) per segment."""
 
     spec = types.SimpleNamespace(hidden_size=DIM)
+    device = torch.device("cpu")
 
     def __init__(self) -> None:
         self.batches: list[list[tuple[int, int]]] = []
@@ -53,7 +54,8 @@ class RecordingStack:
 def parts():
     clock, stack = Clock(), RecordingStack()
     table = SessionTable(stack.new_session, max_sessions=4, max_tokens=100, idle_seconds=30, clock=clock)
-    scheduler = StepScheduler(stack, table, CoreMetrics(), max_batch_tokens=16, clock=clock)  # type: ignore[arg-type]
+    scheduler = StepScheduler(stack, table, CoreMetrics(), max_batch_tokens=16, max_queued=4,  # type: ignore[arg-type]
+                              clock=clock)
     return scheduler, stack, table, clock
 
 
@@ -139,3 +141,32 @@ def test_idle_sessions_expire_when_the_sweep_is_due(parts) -> None:
     late = scheduler.enqueue(_req("a", 2, 1))
     scheduler.tick()
     assert isinstance(late.exception(timeout=0), NotFound)
+
+
+def test_the_queue_is_bounded(parts) -> None:
+    scheduler, _, _, _ = parts
+    for s in "abcd":
+        scheduler.enqueue(_req(s, 0, 1))
+    with pytest.raises(ServiceUnavailable) as full:
+        scheduler.enqueue(_req("e", 0, 1))
+    assert full.value.code == "queue_full" and full.value.headers == {"retry-after": "1"}
+    scheduler.tick()
+    scheduler.enqueue(_req("e", 0, 1))  # room again once a batch ran
+
+
+def test_a_runner_that_cannot_go_on_says_so(parts, monkeypatch) -> None:
+    scheduler, _, table, clock = parts
+
+    def broken() -> int:
+        raise MemoryError()
+
+    monkeypatch.setattr(table, "expire_idle", broken)
+    clock.now += SWEEP_SECONDS  # the next round sweeps, and the sweep fails outside any batch
+    waiting = scheduler.enqueue(_req("a", 0, 1))
+    scheduler.start()
+    exc = waiting.exception(timeout=10)
+    assert isinstance(exc, ServiceUnavailable) and exc.code == "runner_failed"
+    assert scheduler.failure is not None and "MemoryError" in scheduler.failure
+    with pytest.raises(ServiceUnavailable, match="runner stopped"):
+        scheduler.enqueue(_req("b", 0, 1))
+    scheduler.stop()

@@ -85,6 +85,7 @@ CASES = {
     "truncated frame": (_frame(b"\x00"), 502, "core_protocol_error"),
     "rows it was not asked for": (_wrong_rows, 502, "core_protocol_error"),
     "session limit": (lambda r: _json_error(429, "session_limit"), 503, "core_busy"),
+    "queue full": (lambda r: _json_error(503, "queue_full"), 503, "core_busy"),
     "not ready": (lambda r: _json_error(503, "not_ready"), 503, "core_not_ready"),
     "other bundle": (lambda r: _json_error(409, "bundle_mismatch"), 503, "bundle_mismatch"),
     "timeout": (_raise(httpx.ReadTimeout("slow")), 504, "core_timeout"),
