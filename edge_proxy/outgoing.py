@@ -35,7 +35,9 @@ class SpanNoise:
 
 
 class OutgoingStates:
-    """One request's outgoing stream; keeps the edge-held blocks' KV cache between calls."""
+    """One request's outgoing stream; keeps the edge-held blocks' KV cache between calls, and every row
+    it has sent, so that a re-prefill resends the very same rows (a fresh noise draw for the same
+    tokens would hand the core operator a second independent sample to average)."""
 
     def __init__(self, model: EdgeModel, noise: NoiseSpec, generator: torch.Generator | None = None,
                  span_noise: SpanNoise | None = None):
@@ -46,9 +48,25 @@ class OutgoingStates:
         self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
         stack = model.edge_stack
         self.session = None if stack is None else stack.new_session(model.spec.max_positions)
+        self._ids: list[int] = []  # the token at each position sent so far
+        self._rows = torch.empty((0, model.spec.hidden_size))  # [capacity, d]; rows [0, len(_ids)) are valid
 
     def __call__(self, ids: list[int], offset: int) -> torch.Tensor:
-        """[n] token ids at positions offset.. -> [n, d] rotated states for the core."""
+        """[n] token ids at positions offset.. -> [n, d] rotated states for the core.
+
+        Positions already sent with the same token come back exactly as sent; the rest are new."""
+        assert 0 <= offset <= len(self._ids), "positions are sent in order"
+        same = 0
+        while same < len(ids) and offset + same < len(self._ids) and self._ids[offset + same] == ids[same]:
+            same += 1
+        start = offset + same
+        fresh = self._fresh(ids[same:], start) if same < len(ids) else None
+        del self._ids[start:]  # a different token at `start` (speculation rejected) invalidates what follows
+        if fresh is not None:
+            self._keep(ids[same:], fresh)
+        return self._rows[offset : offset + len(ids)].clone()
+
+    def _fresh(self, ids: list[int], offset: int) -> torch.Tensor:
         x = self.model.embed(ids)
         if self.noise.clip is not None:
             norms = x.norm(dim=-1, keepdim=True)
@@ -58,10 +76,18 @@ class OutgoingStates:
             x = x + sigma * torch.randn(x.shape, generator=self.generator)
         if self.session is None:
             return x
-        stack, n = self.model.edge_stack, len(ids)
+        stack = self.model.edge_stack
         assert stack is not None
-        # a re-prefill (offset 0) rolls the edge-held blocks' cache back too
-        return stack.step(x, [self.session.begin(offset, n)])
+        return stack.step(x, [self.session.begin(offset, len(ids))])
+
+    def _keep(self, ids: list[int], rows: torch.Tensor) -> None:
+        end = len(self._ids) + len(ids)
+        if end > self._rows.shape[0]:  # grow by doubling: decode appends one row per token
+            grown = torch.empty((max(end, 2 * self._rows.shape[0], 64), rows.shape[1]), dtype=rows.dtype)
+            grown[: len(self._ids)] = self._rows[: len(self._ids)]
+            self._rows = grown
+        self._rows[len(self._ids) : end] = rows
+        self._ids += ids
 
     def _sigmas(self, n: int, offset: int) -> torch.Tensor | float | None:
         """Noise scale per row ([n, 1]), a scalar, or None for no noise."""

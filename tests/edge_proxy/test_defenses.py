@@ -150,3 +150,43 @@ def test_a_core_that_loses_the_session_costs_a_re_prefill_not_the_answer(layered
     forgetful = ForgetfulCore(core)
     assert _greedy(model, forgetful, ids, 12) == clean
     assert forgetful.received[5].shape[0] > 1, "the lost session was rebuilt from the edge's history"
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_a_re_prefill_resends_the_rows_it_sent_not_a_fresh_noise_draw(k: int, tiny_bundles, layered,
+                                                                       key_file: Path) -> None:
+    ckpt, edge, core = (tiny_bundles if k == 0 else layered)["llama"]
+    model = EdgeModel.load(edge, KeySource(key_file=key_file))
+    ids = render_prompt(ckpt.tokenizer, [{"role": "user", "content": PROMPTS[2]}])
+
+    class ForgetfulCore(InProcessCore):
+        async def step(self, req):
+            if len(self.received) == 4:
+                self.table.close(req.session)
+            return await super().step(req)
+
+    forgetful = ForgetfulCore(core)
+    _greedy(model, forgetful, ids, 8, NoiseSpec(rho=1.0))
+    sent_before = torch.cat(forgetful.received[:5])  # the prompt, then four decode rows (the last one refused)
+    resent = forgetful.received[5]
+    assert resent.shape == sent_before.shape
+    assert torch.equal(resent, sent_before), "the re-prefill must carry the same noisy rows, bit for bit"
+
+
+def test_outgoing_rows_are_kept_per_position_and_recomputed_from_a_changed_token(layered, key_file: Path) -> None:
+    _, edge, _ = layered["llama"]
+    model = EdgeModel.load(edge, KeySource(key_file=key_file))
+    ids = list(range(100, 108))
+    out = OutgoingStates(model, NoiseSpec(rho=1.0), torch.Generator().manual_seed(3))
+    first = out(ids[:6], 0)
+    assert torch.equal(out(ids[:6], 0), first), "the same positions and tokens come back as sent"
+    other = out([999], 6)
+    changed = out([998], 6)  # speculation rejected: another token at position 6
+    assert not torch.equal(changed, other)
+    again = out(ids[:6] + [998, 5], 0)
+    assert torch.equal(again[:6], first) and torch.equal(again[6], changed[0])
+    # without noise, a recomputed position equals what a fresh stream computes for the same tokens
+    plain = OutgoingStates(model, NoiseSpec())
+    plain(ids, 0)
+    redo = plain(ids[:4] + [7, 8], 0)
+    assert torch.allclose(redo, OutgoingStates(model, NoiseSpec())(ids[:4] + [7, 8], 0), atol=1e-5)
