@@ -133,19 +133,20 @@ def test_more_noise_moves_greedy_output_away(tiny_bundles, key_file: Path) -> No
     assert not torch.allclose(core_seen.received[0], model.embed(ids), atol=1e-3), "the core sees noised states"
 
 
+class ForgetfulCore(InProcessCore):
+    """Drops every session after its fourth step, as an idle expiry or a core restart would."""
+
+    async def step(self, req):
+        if len(self.received) == 4:
+            self.table.close(req.session)
+        return await super().step(req)
+
+
 def test_a_core_that_loses_the_session_costs_a_re_prefill_not_the_answer(layered, key_file: Path) -> None:
     ckpt, edge, core = layered["llama"]
     model = EdgeModel.load(edge, KeySource(key_file=key_file))
     ids = render_prompt(ckpt.tokenizer, [{"role": "user", "content": PROMPTS[1]}])
     clean = _greedy(model, InProcessCore(core), ids, 12)
-
-    class ForgetfulCore(InProcessCore):
-        """Drops every session after its fourth step, as an idle expiry or a core restart would."""
-
-        async def step(self, req):
-            if len(self.received) == 4:
-                self.table.close(req.session)
-            return await super().step(req)
 
     forgetful = ForgetfulCore(core)
     assert _greedy(model, forgetful, ids, 12) == clean
@@ -158,12 +159,6 @@ def test_a_re_prefill_resends_the_rows_it_sent_not_a_fresh_noise_draw(k: int, ti
     ckpt, edge, core = (tiny_bundles if k == 0 else layered)["llama"]
     model = EdgeModel.load(edge, KeySource(key_file=key_file))
     ids = render_prompt(ckpt.tokenizer, [{"role": "user", "content": PROMPTS[2]}])
-
-    class ForgetfulCore(InProcessCore):
-        async def step(self, req):
-            if len(self.received) == 4:
-                self.table.close(req.session)
-            return await super().step(req)
 
     forgetful = ForgetfulCore(core)
     _greedy(model, forgetful, ids, 8, NoiseSpec(rho=1.0))
