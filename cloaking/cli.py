@@ -25,13 +25,20 @@ def add_parser(sub: Any) -> None:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    checkpoint = Path(args.checkpoint or settings.model.checkpoint or bundled_model_path())
-    edge_dir = Path(args.edge_out) if args.edge_out else settings.edge_bundle_dir()
-    core_dir = Path(args.core_out) if args.core_out else settings.core_bundle_dir()
-    source = key_source(settings, create=True)
-    print(f"loading {checkpoint} ...", file=sys.stderr)
-    ckpt = load_checkpoint(checkpoint)
-    bundle_id = cloak(ckpt, edge_dir, core_dir, source, settings.model.name, force=args.force,
-                      edge_layers=args.edge_layers)
-    print(f"edge bundle: {edge_dir}\ncore bundle: {core_dir}\nbundle id:   {bundle_id}")
+    cloak_configured(settings, args.checkpoint, args.edge_out, args.core_out, force=args.force,
+                     edge_layers=args.edge_layers)
     return 0
+
+
+def cloak_configured(settings: Settings, checkpoint: str | None = None, edge_out: str | None = None,
+                     core_out: str | None = None, *, force: bool = False, edge_layers: int = 0) -> None:
+    """Cloak the given checkpoint (default: the configured one, else the bundled model) into the
+    given or configured bundle folders."""
+    source_path = Path(checkpoint or settings.model.checkpoint or bundled_model_path())
+    edge_dir = Path(edge_out) if edge_out else settings.edge_bundle_dir()
+    core_dir = Path(core_out) if core_out else settings.core_bundle_dir()
+    source = key_source(settings, create=True)
+    print(f"loading {source_path} ...", file=sys.stderr)
+    ckpt = load_checkpoint(source_path)
+    bundle_id = cloak(ckpt, edge_dir, core_dir, source, settings.model.name, force=force, edge_layers=edge_layers)
+    print(f"edge bundle: {edge_dir}\ncore bundle: {core_dir}\nbundle id:   {bundle_id}")

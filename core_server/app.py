@@ -52,10 +52,10 @@ def _load(state: CoreState) -> None:
         stack = DecoderStack.load(settings.core_bundle_dir(), device)
         spec, core = stack.spec, settings.core
         max_tokens = min(core.max_tokens_per_session, spec.max_positions)
-        plan = plan_kv(layers=spec.num_layers, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=stack.dtype,
+        sessions = plan_kv(layers=spec.num_layers, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=stack.dtype,
                        max_tokens=max_tokens, max_sessions=core.max_sessions,
                        budget_bytes=core.kv_budget_bytes or int(AUTO_SHARE * free_bytes(device)))
-        table = SessionTable(stack.new_session, max_sessions=plan.max_sessions, max_tokens=max_tokens,
+        table = SessionTable(stack.new_session, max_sessions=sessions, max_tokens=max_tokens,
                              idle_seconds=core.session_idle_seconds)
         scheduler = StepScheduler(stack, table, state.metrics, core.max_batch_tokens,
                                   max_queued=core.max_queued_steps)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -12,13 +11,6 @@ from veil.errors import ConfigError
 
 log = logging.getLogger("veil.core.memory")
 AUTO_SHARE = 0.9  # of the device's free memory, when no budget is configured
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class KvPlan:
-    max_sessions: int  # what the core will admit: the configured number, or fewer if they cannot all fit
-    session_bytes: int  # one session at max_tokens
-    budget_bytes: int
 
 
 def free_bytes(device: torch.device) -> int:
@@ -32,8 +24,9 @@ def free_bytes(device: torch.device) -> int:
 
 
 def plan_kv(*, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, max_tokens: int, max_sessions: int,
-            budget_bytes: int) -> KvPlan:
-    """Cap the sessions to the budget (said in the log); refuse to start when not even one fits."""
+            budget_bytes: int) -> int:
+    """The sessions the core will admit: max_sessions, or as many as fit the budget at max_tokens each
+    (said in the log); refuse to start when not even one fits."""
     session = layers * 2 * kv_heads * head_dim * max_tokens * torch.empty((), dtype=dtype).element_size()
     fit = budget_bytes // session
     if fit < 1:
@@ -42,4 +35,4 @@ def plan_kv(*, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, ma
     if fit < max_sessions:
         log.warning("KV budget holds %d of max_sessions=%d sessions at %d tokens (%.0f MiB each, budget %.0f MiB); "
                     "admitting %d", fit, max_sessions, max_tokens, session / 2**20, budget_bytes / 2**20, fit)
-    return KvPlan(min(fit, max_sessions), session, budget_bytes)
+    return min(fit, max_sessions)

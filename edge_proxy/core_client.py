@@ -48,8 +48,7 @@ def core_refusal(status: int, code: str | None) -> CoreError:
     if status == 429 or (status == 503 and code == "queue_full"):
         return CoreBusy("the core is at its capacity; retry shortly")
     if status == 409 and code == "bundle_mismatch":
-        return BundleMismatch("the core serves a different cloaked bundle than this edge holds; "
-                              "deploy the core bundle written with this edge bundle")
+        return BundleMismatch()
     if status == 503:
         return CoreUnavailable("the core is not ready", code="core_not_ready")
     safe = code if isinstance(code, str) and _CODE.match(code) else "-"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from admin.auth import require
-from admin.guardrails import Guardrails
+from admin.guardrails import Guardrails, OutputGate
 from admin.plane import PolicyPlane
 from admin.principal import Principal, Scope
 from admin.ratelimit import RateDecision, rate_limit_headers
@@ -67,6 +67,10 @@ class Gatekeeper:
     async def settle(self, principal: Principal, rid: str, tokens: int) -> None:
         """Correct the reservation to what the request really used."""
         await self.plane.limiter.settle(principal.key_id, request_id=rid, actual_tokens=tokens)
+
+    def output_gate(self) -> OutputGate | None:
+        """The output rules of the current policy, for one reply's text pipeline (None if there are none)."""
+        return self.plane.policy.guardrails().output_gate()
 
     def blocked(self, principal: Principal, rule_id: str, rid: str, where: str) -> None:
         """Count and audit a guardrail block (prompt or output) by key id and rule id."""

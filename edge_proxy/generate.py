@@ -27,11 +27,10 @@ log = logging.getLogger("veil.edge.generate")
 class Engine:
     """Generates for many requests at once; each request holds its own core session."""
 
-    def __init__(self, model: EdgeModel, core: CoreTransport, metrics: EdgeMetrics, default_max_tokens: int = 0,
-                 context_limit: int | None = None):
+    def __init__(self, model: EdgeModel, core: CoreTransport, metrics: EdgeMetrics, default_max_tokens: int = 0):
         self.model, self.core, self.metrics = model, core, metrics
         self.default_max_tokens = default_max_tokens
-        self.context_limit = context_limit  # known once the core is verified; None means "ask it"
+        self.context_limit: int | None = None  # known once the core is verified; None means "ask it"
 
     async def connect(self) -> int:
         """Check that the core serves the bundle our Q belongs to and size the context from its limits.
@@ -40,8 +39,7 @@ class Engine:
             return self.context_limit
         info = await self.core.info()
         if info.get("bundle_id") != self.model.spec.bundle_id:
-            raise BundleMismatch("the core serves a different cloaked bundle than this edge holds; "
-                                 "deploy the core bundle written with this edge bundle")
+            raise BundleMismatch()
         core_limit = info.get("max_tokens_per_session")
         if core_limit is not None and (not isinstance(core_limit, int) or core_limit < 1):
             raise CoreProtocolError("the core's /v1/info gives no usable max_tokens_per_session")
@@ -109,6 +107,8 @@ class Engine:
         reply = ReplyText(self.model.tokenizer, gen.prompt_ids, gen.stops, gen.restorer, gen.output_gate)
         history, pending, offset = list(gen.prompt_ids), list(gen.prompt_ids), 0
         gen.status = Status.RUNNING
+        reason = "stop"  # EOS, unless the token limit or the reply text ends it first
+        ended: str | None = None  # set when the reply text itself ends the reply (a stop string, an output rule)
         try:
             while True:
                 hidden = await self._step(outgoing, session, offset, pending, history, gen.request_id)
@@ -116,25 +116,23 @@ class Engine:
                 token = await asyncio.to_thread(self._next_token, hidden, sampler)
                 gen.add_token(token)
                 if token in self.model.eos_ids:
-                    reason = "stop"
                     break
                 history.append(token)
                 text, ended = reply.push(token)
                 if text:
                     yield text
                 if ended is not None:
-                    gen.blocked_rule = reply.blocked_rule
-                    gen.finish(ended)
-                    return
+                    break
                 if not gen.room_left:
                     reason = "length"
                     break
                 pending = [token]
-            tail, blocked = reply.finish()
-            if tail:
-                yield tail
+            if ended is None:  # EOS or the token limit: release what the pipeline still holds
+                tail, ended = reply.finish()
+                if tail:
+                    yield tail
             gen.blocked_rule = reply.blocked_rule
-            gen.finish("content_filter" if blocked else reason)
+            gen.finish(ended or reason)
         except BaseException as exc:
             gen.abandon(cancelled=isinstance(exc, (GeneratorExit, asyncio.CancelledError)))
             raise

@@ -16,6 +16,7 @@ from edge_proxy.generate import Engine
 from edge_proxy.generation import Generation
 from edge_proxy.outgoing import NoiseSpec, SpanNoise
 from edge_proxy.schemas import ChatRequest
+from edge_proxy.spans.protect import ProtectedPrompt
 from edge_proxy.spans.restore import PlaceholderRestorer
 from veil.settings import PrivacySettings
 
@@ -23,12 +24,15 @@ from veil.settings import PrivacySettings
 async def prepare(gate: Gatekeeper, engine: Engine, model: EdgeModel, privacy: PrivacySettings,
                   principal: Principal, chat: ChatRequest, rid: str, started_at: float) -> Generation:
     messages = gate.guard_prompt(principal, chat.messages, rid) or chat.messages
+
+    def protect_and_render() -> tuple[ProtectedPrompt | None, list[int], frozenset[int]]:
+        protected = gate.protect_prompt(principal, messages, rid)
+        if protected is None:
+            return None, *render_with_positions(model.tokenizer, messages, [])
+        return protected, *render_with_positions(model.tokenizer, protected.messages, protected.noisy)
+
     # span detection and tokenizing are CPU work: one hop off the event loop for both
-    protected = await anyio.to_thread.run_sync(gate.protect_prompt, principal, messages, rid)
-    if protected is not None:
-        messages = protected.messages
-    noisy = protected.noisy if protected is not None else []
-    prompt_ids, positions = await anyio.to_thread.run_sync(render_with_positions, model.tokenizer, messages, noisy)
+    protected, prompt_ids, positions = await anyio.to_thread.run_sync(protect_and_render)
     rho = privacy.noise_rho if principal.noise_rho is None else principal.noise_rho
     return Generation(
         request_id=rid,
@@ -39,6 +43,6 @@ async def prepare(gate: Gatekeeper, engine: Engine, model: EdgeModel, privacy: P
         noise=NoiseSpec(rho=rho, clip=privacy.noise_clip or None),
         span_noise=SpanNoise(positions, privacy.span_noise_rho) if positions else None,
         restorer=PlaceholderRestorer(protected.mapping) if protected is not None and protected.mapping else None,
-        output_gate=gate.plane.policy.guardrails().output_gate(),
+        output_gate=gate.output_gate(),
         started_at=started_at,
     )

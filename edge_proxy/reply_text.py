@@ -30,12 +30,13 @@ class ReplyText:
             return out, "content_filter"
         return out, "stop" if stopped else None
 
-    def finish(self) -> tuple[str, bool]:
-        """Once generation ends (EOS or the token limit): the text still held back, and whether a rule blocked it."""
+    def finish(self) -> tuple[str, str | None]:
+        """Once generation ends (EOS or the token limit): the text still held back, and "content_filter"
+        if an output rule blocked it."""
         restored = self._restore(self.detok.flush()) + (self.restorer.flush() if self.restorer else "")
         text, stopped = self.stop.feed(restored)
         out = self._final(text if stopped else text + self.stop.flush())
-        return out, self.blocked_rule is not None
+        return out, None if self.blocked_rule is None else "content_filter"
 
     def _restore(self, text: str) -> str:
         return text if self.restorer is None else self.restorer.feed(text)

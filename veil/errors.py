@@ -17,7 +17,7 @@ VeilError (500 server_error)
 ├── ServiceUnavailable (503)    this server, or a service it needs (Redis, JWKS), is not ready
 └── CoreError (502)             the edge could not get a step done by the core; messages are the edge's own
     ├── CoreUnavailable (503)   the core is unreachable or not ready
-    │   ├── CoreBusy (503)      the core holds its session limit; carries Retry-After
+    │   ├── CoreBusy (503)      the core is at its session or queue limit; carries Retry-After
     │   └── BundleMismatch (503) the core serves another cloaked bundle than this edge holds
     ├── CoreTimeout (504)       the core did not answer in time
     ├── SessionLost (502)       the core no longer holds the session (the engine re-prefills)
@@ -171,7 +171,7 @@ class CoreUnavailable(CoreError):
 
 
 class CoreBusy(CoreUnavailable):
-    """Raised when the core holds as many sessions as it may; the client should retry shortly."""
+    """Raised when the core holds as many sessions or queued steps as it may; the client should retry shortly."""
 
     code = "core_busy"
 
@@ -183,6 +183,10 @@ class BundleMismatch(CoreUnavailable):
     """Raised when the core serves another cloaked bundle than the one this edge's rotation belongs to."""
 
     code = "bundle_mismatch"
+
+    def __init__(self) -> None:
+        super().__init__("the core serves a different cloaked bundle than this edge holds; "
+                         "deploy the core bundle written with this edge bundle")
 
 
 class CoreTimeout(CoreError):

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from cloaking import cli as cloak_cli
+from cloaking.cli import cloak_configured
 from veil.bundle import CORE_SPEC, EDGE_SPEC, bundle_exists
 from veil.settings import Settings
 from veil_cli.processes import Server
@@ -24,8 +24,7 @@ def add_parser(sub: Any) -> None:
 def run(settings: Settings, args: argparse.Namespace) -> int:
     if not (bundle_exists(settings.edge_bundle_dir(), EDGE_SPEC) and bundle_exists(settings.core_bundle_dir(), CORE_SPEC)):
         print("first run: cloaking the model (once) ...", file=sys.stderr)
-        cloak_cli.run(settings, argparse.Namespace(checkpoint=None, edge_out=None, core_out=None, force=True,
-                                                   edge_layers=0))
+        cloak_configured(settings, force=True)
     env = dict(os.environ)
     env["VEIL_BUNDLE_KEY_FILE"] = str(settings.key_file_path())
     env.setdefault("HF_HUB_OFFLINE", "1")

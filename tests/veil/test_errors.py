@@ -24,6 +24,8 @@ STATUSES = {400, 401, 403, 404, 409, 413, 422, 429, 500, 502, 503, 504}
 def _instance(cls: type[errors.VeilError]) -> errors.VeilError:
     if cls is errors.PolicyViolation:
         return cls("rule-7")
+    if cls is errors.BundleMismatch:
+        return cls()
     return cls("the server's own words")
 
 

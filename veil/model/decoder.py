@@ -127,9 +127,8 @@ class DecoderStack:
     def _attend(self, q: torch.Tensor, layer_idx: int, seg: Segment, window: int | None) -> torch.Tensor:
         # q [n, H, hd] -> out [n, H * hd]; query heads are folded into the length axis per KV head
         s, n, g, hd = self.spec, seg.n, self.groups, self.spec.head_dim
-        total = seg.offset + n
-        keys = seg.session.k[layer_idx, :, :total]  # [KV, T, hd]
-        values = seg.session.v[layer_idx, :, :total]
+        keys = seg.session.k[layer_idx, :, : seg.end]  # [KV, T, hd]
+        values = seg.session.v[layer_idx, :, : seg.end]
         qg = q.view(n, s.num_kv_heads, g, hd).permute(1, 2, 0, 3).reshape(s.num_kv_heads, g * n, hd)
         mask = self._mask(seg, window)
         if mask is not None:
@@ -155,7 +154,7 @@ class DecoderStack:
         for seg in segments[:-1]:
             starts.append(starts[-1] + seg.n)
         x = x.to(device=self.device, dtype=self.dtype)
-        positions = torch.cat([torch.arange(g.offset, g.offset + g.n, device=self.device) for g in segments])
+        positions = torch.cat([torch.arange(seg.offset, seg.end, device=self.device) for seg in segments])
         cos, sin = self.rope(positions)
         hd, eps = s.head_dim, s.rms_norm_eps
         for li, layer in enumerate(self.layers):

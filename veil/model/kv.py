@@ -47,9 +47,6 @@ class Session:
     def capacity(self) -> int:
         return self.k.shape[2]
 
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
-
     def begin(self, offset: int, n: int) -> Segment:
         """Check a step of n positions at offset, roll back past offset, make room (409 / 413 if it cannot)."""
         assert n > 0
@@ -70,10 +67,8 @@ class Session:
     def fork(self) -> Session:
         """A copy holding the same valid positions (for beams that share a prefix)."""
         layers, kv_heads, capacity, head_dim = self.k.shape
-        twin = Session(layers, kv_heads, head_dim, dtype=self.k.dtype, device=self.k.device, limit=self.limit,
-                       capacity=capacity)
-        twin.k[:, :, : self.length] = self.k[:, :, : self.length]
-        twin.v[:, :, : self.length] = self.v[:, :, : self.length]
+        twin = Session(layers, kv_heads, head_dim, dtype=self.k.dtype, device=self.k.device, limit=self.limit)
+        twin.k, twin.v = self._copies(capacity)
         twin.length = self.length
         return twin
 
@@ -81,10 +76,13 @@ class Session:
         """Grow by doubling (at least MIN_CAPACITY, at most the limit) so that `tokens` positions fit."""
         if tokens <= self.capacity:
             return
-        capacity = min(max(MIN_CAPACITY, self.capacity * 2, tokens), self.limit)
+        self.k, self.v = self._copies(min(max(MIN_CAPACITY, self.capacity * 2, tokens), self.limit))
+
+    def _copies(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """New k, v of `capacity` positions holding this session's valid ones."""
         layers, kv_heads, _, head_dim = self.k.shape
         k = torch.empty((layers, kv_heads, capacity, head_dim), dtype=self.k.dtype, device=self.k.device)
         v = torch.empty_like(k)
         k[:, :, : self.length] = self.k[:, :, : self.length]
         v[:, :, : self.length] = self.v[:, :, : self.length]
-        self.k, self.v = k, v
+        return k, v
