@@ -1,7 +1,13 @@
-"""The core's HTTP surface: binary step API, session close, health, readiness and metrics."""
+"""The core's HTTP surface: handshake, sealed steps and close for enrolled edges; health, readiness, info.
+
+Everything but /healthz, /readyz and /v1/info needs a session's keys: a hello that only an
+enrolled edge can write opens a session, and every later call is a frame sealed under it.
+Prometheus metrics are served on their own address (core.metrics_port), not here.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -10,15 +16,27 @@ from typing import Any
 import torch
 from litestar import Litestar, Request, Response, delete, get, post
 from litestar.datastructures import State
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from core_server.enrollment import Edge, load_allowed_edges
+from core_server.locker import Locker, locker_from_settings
 from core_server.memory import AUTO_SHARE, free_bytes, plan_kv
 from core_server.metrics import CoreMetrics
+from core_server.replays import ReplayGuard
 from core_server.scheduler import StepScheduler
-from core_server.sessions import SessionTable
+from core_server.sessions import Held, SessionTable
 from veil import wire
-from veil.errors import Conflict, NotFound, PayloadTooLarge, ServiceUnavailable, VeilError
+from veil.channel import open_hello
+from veil.errors import (
+    AuthenticationFailed,
+    ConfigError,
+    Conflict,
+    InvalidRequest,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    VeilError,
+)
 from veil.http import EXCEPTION_HANDLERS
+from veil.identity import CoreIdentity, load_private_key
 from veil.model.decoder import DecoderStack
 from veil.settings import Settings
 
@@ -26,12 +44,17 @@ log = logging.getLogger("veil.core")
 
 
 class CoreState(State):
-    """Typed app state: filled in by the loader thread once the bundle is in memory."""
+    """Typed app state: identity and enrollment from the start, the scheduler once the bundle is in memory."""
 
     settings: Settings
     metrics: CoreMetrics
+    identity: CoreIdentity
+    edges: dict[bytes, Edge]
+    locker: Locker | None
+    replays: ReplayGuard
     scheduler: StepScheduler | None
     load_error: str | None
+    draining: bool
 
 
 def _device(name: str) -> torch.device:
@@ -55,8 +78,16 @@ def _load(state: CoreState) -> None:
         sessions = plan_kv(layers=spec.num_layers, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=stack.dtype,
                        max_tokens=max_tokens, max_sessions=core.max_sessions,
                        budget_bytes=core.kv_budget_bytes or int(AUTO_SHARE * free_bytes(device)))
+        bundle_id = spec.bundle_id
+        locker = state.locker
+
+        def spill(sid: str, held: Held) -> None:
+            assert locker is not None and held.kv is not None and held.locker_key is not None
+            locker.put(sid, held.locker_key, bundle_id, held.kv)
+
         table = SessionTable(stack.new_session, max_sessions=sessions, max_tokens=max_tokens,
-                             idle_seconds=core.session_idle_seconds)
+                             idle_seconds=core.session_idle_seconds, spill=spill if locker else None,
+                             spill_after=core.locker_after_seconds)
         scheduler = StepScheduler(stack, table, state.metrics, core.max_batch_tokens,
                                   max_queued=core.max_queued_steps)
         scheduler.start()
@@ -73,6 +104,8 @@ def _load(state: CoreState) -> None:
 
 
 def _scheduler(state: CoreState) -> StepScheduler:
+    if state.draining:
+        raise ServiceUnavailable("the core is shutting down; its sessions went to the locker", code="draining")
     if state.load_error is not None:
         raise ServiceUnavailable(state.load_error, code="load_failed")
     if state.scheduler is None:
@@ -82,44 +115,105 @@ def _scheduler(state: CoreState) -> StepScheduler:
     return state.scheduler
 
 
-@post("/v1/step", status_code=200)
-async def step(request: Request[Any, Any, CoreState], state: CoreState) -> Response[bytes]:
-    scheduler = _scheduler(state)
+_BIG_FRAME = 1 << 20  # frames this large are opened off the event loop
+
+
+async def _open_frame(held: Held, op: str, body: bytes, metrics: CoreMetrics) -> tuple[int, bytes]:
+    """(seq, plaintext) of the next authentic frame of `held`'s channel; refused frames change nothing."""
+    channel = held.channel
+    assert channel is not None
+    try:
+        seq, plain = (await asyncio.to_thread(channel.peek, op, body)) if len(body) > _BIG_FRAME \
+            else channel.peek(op, body)
+        channel.accept(seq)
+    except VeilError as exc:
+        metrics.frames_refused.labels(reason=str(exc.code)).inc()
+        raise
+    return seq, plain
+
+
+def _held(state: CoreState, sid: str) -> Held:
+    held = _scheduler(state).table.get(sid)
+    if held is None or held.channel is None:
+        # the same answer for an unknown id and a session held elsewhere: an id alone grants nothing
+        raise AuthenticationFailed("no session with this id is open on this core replica; open one with a "
+                                   "handshake", code="session_unknown")
+    return held
+
+
+@post("/v1/sessions", status_code=200)
+async def open_session(request: Request[Any, Any, CoreState], state: CoreState) -> Response[bytes]:
+    """The handshake: an HPKE-sealed hello from an enrolled edge in, the core's half of the key exchange out."""
     body = await request.body()
-    if len(body) > state.settings.core.max_step_bytes:
-        raise PayloadTooLarge(f"step body exceeds max_step_bytes={state.settings.core.max_step_bytes}")
-    req = wire.decode_request(body)
+    try:
+        hello = open_hello(body, state.identity, state.edges)
+        state.replays.check(hello.digest)
+    except VeilError as exc:
+        state.metrics.handshakes.labels(result=str(exc.code)).inc()
+        raise
+    scheduler = _scheduler(state)
+    if hello.bundle_id != scheduler.stack.spec.bundle_id:
+        state.metrics.handshakes.labels(result="bundle_mismatch").inc()
+        raise Conflict("the session is for another cloaked bundle than this core serves", code="bundle_mismatch")
+    edge = state.edges[hello.edge_public]
+    reply, channel = hello.accept()
+    scheduler.table.open(hello.sid, edge.name, edge.max_sessions, channel, resume=hello.resume)
+    state.metrics.handshakes.labels(result="resumed" if hello.resume else "opened").inc()
+    return Response(reply, media_type="application/octet-stream")
+
+
+@post("/v1/sessions/{sid:str}/step", status_code=200)
+async def step(sid: str, request: Request[Any, Any, CoreState], state: CoreState) -> Response[bytes]:
+    scheduler = _scheduler(state)
+    held = _held(state, sid)
+    body = await request.body()
+    seq, plain = await _open_frame(held, "step", body, state.metrics)
+    req = wire.decode_request(plain)
+    if req.session != sid:
+        raise InvalidRequest("the sealed step names another session than its route")
     if len(req.want) > state.settings.core.max_result_rows:
         raise PayloadTooLarge(f"a step may ask for at most max_result_rows={state.settings.core.max_result_rows} rows",
                               code="result_rows_limit")
     if req.bundle_id != scheduler.stack.spec.bundle_id:
         raise Conflict("the step is for another cloaked bundle than this core serves", code="bundle_mismatch")
-    result = await scheduler.submit(req)
+    scheduler.table.use(held, +1)
+    try:
+        if req.locker_key is not None:
+            held.locker_key = req.locker_key
+        if held.kv is None and req.offset > 0 and state.locker is not None and held.locker_key is not None:
+            held.kv = await asyncio.to_thread(state.locker.take, sid, held.locker_key, req.bundle_id,
+                                              scheduler.stack.new_session(scheduler.table.max_tokens))
+        result = await scheduler.submit(req)
+    finally:
+        scheduler.table.use(held, -1)
     log.info("step rid=%s rows_in=%d rows_out=%d bytes_in=%d queue_ms=%.2f compute_ms=%.2f",
              req.request_id, req.hidden.shape[0], result.hidden.shape[0], len(body), result.queue_ms,
              result.compute_ms)
-    return Response(wire.encode_result(result), media_type=wire.CONTENT_TYPE)
+    assert held.channel is not None
+    return Response(held.channel.seal("step", wire.encode_result(result), seq=seq), media_type=wire.CONTENT_TYPE)
 
 
-@delete("/v1/sessions/{session_id:str}", status_code=204)
-async def close_session(session_id: str, state: CoreState) -> None:
-    if not _scheduler(state).table.close(session_id):
-        raise NotFound("unknown session", code="session_not_found")
+@delete("/v1/sessions/{sid:str}", status_code=204)
+async def close_session(sid: str, request: Request[Any, Any, CoreState], state: CoreState) -> None:
+    held = _held(state, sid)
+    await _open_frame(held, "close", await request.body(), state.metrics)
+    table = _scheduler(state).table
+    if table.close(sid) is not None and state.locker is not None and held.locker_key is not None:
+        await asyncio.to_thread(state.locker.discard, sid, held.locker_key)
 
 
 @get("/v1/info")
 async def info(state: CoreState) -> dict[str, Any]:
-    """What the edge checks before sending anything: the bundle id and the limits."""
+    """The public part: who the core is (its keys) and what it serves; edges check it before a handshake."""
     scheduler = _scheduler(state)
     spec = scheduler.stack.spec
     return {
+        "protocol": "veil/1",
+        "identity": state.identity.info(),
+        "kems": ["x25519", "mlkem768-x25519"],
         "bundle_id": spec.bundle_id,
-        "architecture": spec.architecture,
         "hidden_size": spec.hidden_size,
-        "num_layers": spec.num_layers,
-        "max_sessions": scheduler.table.max_sessions,
         "max_tokens_per_session": scheduler.table.max_tokens,
-        "device": str(scheduler.stack.device),
     }
 
 
@@ -134,24 +228,53 @@ async def readyz(state: CoreState) -> dict[str, str]:
     return {"status": "ready"}
 
 
-@get("/metrics")
-async def metrics(state: CoreState) -> Response[bytes]:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+def drain(state: CoreState) -> int:
+    """Stop taking steps, finish the batch in hand and put every session that can go into the locker.
+    Called on SIGTERM before the server stops, so that a rolling update loses no session."""
+    if state.draining:
+        return 0
+    state.draining = True
+    scheduler = state.scheduler
+    if scheduler is None:
+        return 0
+    scheduler.stop()
+    spilled = 0
+    for sid, held in scheduler.table.drain():
+        if state.locker is not None and held.kv is not None and held.locker_key is not None:
+            state.locker.put(sid, held.locker_key, scheduler.stack.spec.bundle_id, held.kv)
+            spilled += 1
+    if state.locker is not None:
+        state.locker.flush()
+    log.info("core drained sessions_to_locker=%d", spilled)
+    return spilled
+
+
+def _identity(settings: Settings) -> CoreIdentity:
+    path = settings.core_identity_path()
+    if not path.exists():
+        raise ConfigError(f"the core has no identity key at {path}; make one with `veil core keygen`")
+    return CoreIdentity.from_key(load_private_key(path))
 
 
 def create_app(settings: Settings) -> Litestar:
-    state = CoreState({"settings": settings, "metrics": CoreMetrics(), "scheduler": None, "load_error": None})
+    metrics = CoreMetrics()
+    locker = locker_from_settings(settings, metrics)
+    state = CoreState({"settings": settings, "metrics": metrics, "identity": _identity(settings),
+                       "edges": load_allowed_edges(settings.allowed_edges_path(), settings.core.max_sessions),
+                       "locker": locker, "replays": ReplayGuard(locker.client if locker else None),
+                       "scheduler": None, "load_error": None, "draining": False})
 
     def on_startup(app: Litestar) -> None:
         # Load in the background so /healthz answers and /readyz says 503 while weights load.
         threading.Thread(target=_load, args=(state,), name="veil-core-loader", daemon=True).start()
 
     def on_shutdown(app: Litestar) -> None:
-        if state.scheduler is not None:
-            state.scheduler.stop()
+        drain(state)
+        if state.locker is not None:
+            state.locker.close()
 
     return Litestar(
-        route_handlers=[step, close_session, info, healthz, readyz, metrics],
+        route_handlers=[open_session, step, close_session, info, healthz, readyz],
         state=state,
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],

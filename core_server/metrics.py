@@ -21,4 +21,12 @@ class CoreMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192),
         )
         self.errors = Counter("veil_core_errors_total", "Rejected or failed steps", ["code"], registry=r)
+        self.handshakes = Counter("veil_core_handshakes_total", "Session handshakes by result", ["result"],
+                                  registry=r)
+        self.frames_refused = Counter("veil_core_frames_refused_total", "Sealed frames refused, by reason",
+                                      ["reason"], registry=r)
+        self.locker_writes = Counter("veil_core_locker_writes_total", "Snapshots written to the locker",
+                                     ["result"], registry=r)
+        self.locker_reads = Counter("veil_core_locker_reads_total", "Sessions resumed from the locker",
+                                    ["result"], registry=r)
         self.ready = Gauge("veil_core_ready", "1 once the core bundle is loaded", registry=r)

@@ -43,6 +43,7 @@ class StepScheduler:
         self._waiting: collections.deque[_Pending] = collections.deque()
         self._cond = threading.Condition()
         self._running = False
+        self._stopped = False
         self._thread: threading.Thread | None = None
         self._last_sweep = clock()
 
@@ -52,11 +53,14 @@ class StepScheduler:
         self._thread.start()
 
     def stop(self) -> None:
+        """Finish the batch in hand, then refuse what waits and whatever comes (503 draining)."""
         with self._cond:
             self._running = False
+            self._stopped = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._fail_waiting("the core is shutting down; its sessions went to the locker", "draining")
 
     def enqueue(self, req: StepRequest) -> concurrent.futures.Future[StepResult]:
         """Queue a step; the future resolves once a batch has run it."""
@@ -64,6 +68,8 @@ class StepScheduler:
         with self._cond:
             if self.failure is not None:
                 raise ServiceUnavailable(self.failure, code="runner_failed")
+            if self._stopped:
+                raise ServiceUnavailable("the core is shutting down", code="draining")
             if len(self._waiting) >= self.max_queued:
                 self.metrics.errors.labels(code="queue_full").inc()
                 raise ServiceUnavailable(f"the core's step queue is full (max_queued_steps={self.max_queued})",
@@ -106,7 +112,7 @@ class StepScheduler:
             if expired:
                 log.info("expired idle sessions count=%d", expired)
             self._last_sweep = self.clock()
-        self.metrics.active_sessions.set(len(self.table))
+        self.metrics.active_sessions.set(self.table.holding_kv())
         batch = self.take_batch()
         if batch:
             self.run_batch(batch)
@@ -127,12 +133,17 @@ class StepScheduler:
 
     def _fail(self, reason: str) -> None:
         with self._cond:
-            self.failure, waiting = reason, list(self._waiting)
-            self._waiting.clear()
+            self.failure = reason
         self.metrics.ready.set(0)
+        self._fail_waiting(reason, "runner_failed")
+
+    def _fail_waiting(self, reason: str, code: str) -> None:
+        with self._cond:
+            waiting = list(self._waiting)
+            self._waiting.clear()
         for item in waiting:
             if item.future.set_running_or_notify_cancel():
-                item.future.set_exception(ServiceUnavailable(reason, code="runner_failed"))
+                item.future.set_exception(ServiceUnavailable(reason, code=code))
 
     def _admit(self, item: _Pending) -> Segment | None:
         """The step's segment, or None after failing its future with the reason."""

@@ -18,7 +18,7 @@ from admin.plane import PolicyPlane, build_plane
 from admin.principal import Principal, Scope
 from admin.ratelimit import rate_limit_headers
 from edge_proxy import openai_shapes as shapes
-from edge_proxy.core_client import CoreTransport, HttpCoreTransport
+from edge_proxy.core_client import CoreTransport, transport_from_settings
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.gatekeeper import Gatekeeper
 from edge_proxy.generate import Engine
@@ -119,11 +119,10 @@ async def metrics(state: EdgeState) -> Response[bytes]:
 
 def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None = None,
                plane: PolicyPlane | None = None) -> Litestar:
-    """The edge app; `core` defaults to pooled HTTP to `edge.core_url` (tests may pass another transport)."""
-    transport = core or HttpCoreTransport(settings.edge.core_url, settings.edge.core_timeout_seconds,
-                                          settings.edge.core_connections)
-    plane = plane or build_plane(settings)
+    """The edge app; `core` defaults to the sealed transport to `edge.core_url` (tests may pass another)."""
     edge_metrics = EdgeMetrics()
+    transport = core or transport_from_settings(settings, edge_metrics)
+    plane = plane or build_plane(settings)
     engine = Engine(model, transport, edge_metrics, settings.edge.default_max_tokens)
     state = EdgeState({"settings": settings, "model": model, "core": transport, "engine": engine,
                        "metrics": edge_metrics, "plane": plane,

@@ -1,4 +1,4 @@
-"""How the edge reaches the core: a one-method-per-call transport, over pooled keep-alive HTTP.
+"""How the edge reaches the core: a one-method-per-call transport, sealed end to end over HTTP.
 
 This is the one error boundary between edge and core, as httpx maps httpcore's errors: every
 refusal, timeout or malformed answer of the core becomes a `CoreError` whose message the
@@ -8,23 +8,35 @@ only picks the class. Only `veil.wire` frames cross the transport.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import re
+import secrets
+import ssl
 from typing import Any, Protocol
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
+from edge_proxy.metrics import EdgeMetrics
 from veil import wire
+from veil.channel import Channel, CoreKeys, EdgeHello
 from veil.errors import (
     BundleMismatch,
+    ConfigError,
     CoreBusy,
     CoreError,
+    CoreIdentityMismatch,
     CoreProtocolError,
     CoreTimeout,
     CoreUnavailable,
-    InvalidRequest,
+    EdgeNotAdmitted,
     SessionLost,
+    VeilError,
 )
+from veil.identity import CorePin, fingerprint, load_or_create, parse_public_key, public_text, unb64
+from veil.settings import Settings
 from veil.wire import StepRequest, StepResult
 
 log = logging.getLogger("veil.edge.core_client")
@@ -73,53 +85,177 @@ def check_result(req: StepRequest, result: StepResult) -> StepResult:
     return result
 
 
+_RESUMABLE = {"session_unknown", "draining", "not_ready", "runner_failed", "load_failed"}
+RESUME_BACKOFF = (0.05, 0.25, 1.0)  # seconds before each re-handshake after a replica went away
+
+
+class _Resume(Exception):
+    """This replica cannot go on with the session's channel (gone, draining, lost the keys): re-handshake."""
+
+
+class _Link:
+    """One core session as the edge holds it: its own connection (so its steps stay on one replica),
+    its channel and its locker key."""
+
+    def __init__(self, client: httpx.AsyncClient, channel: Channel, locker_key: bytes):
+        self.client, self.channel, self.locker_key = client, channel, locker_key
+        self.fresh = True  # the first frame of a channel carries the locker key
+
+
 class HttpCoreTransport:
-    """Steps as binary POSTs over one pooled httpx client (`transport` lets tests stand in for the network)."""
+    """Sealed steps to a pinned core: one handshake per session, then AEAD frames (see veil.channel).
 
-    def __init__(self, base_url: str, timeout: float, connections: int,
-                 transport: httpx.AsyncBaseTransport | None = None):
+    `transport` lets tests stand in for the network."""
+
+    def __init__(self, base_url: str, timeout: float, *, identity: x25519.X25519PrivateKey, pin: CorePin,
+                 post_quantum: bool = False, transport: httpx.AsyncBaseTransport | None = None,
+                 metrics: EdgeMetrics | None = None):
         self.base_url = base_url.rstrip("/")
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, limits=limits, transport=transport)
+        self.timeout, self.identity, self.pin, self.post_quantum = timeout, identity, pin, post_quantum
+        self.metrics = metrics
+        self._transport = transport
+        self._ssl = ssl.create_default_context()  # made once: per-session clients share it
+        self._info_client = self._client()
+        self._core: CoreKeys | None = None  # the core's keys, once /v1/info matched the pin
+        self._links: dict[str, _Link] = {}
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, verify=self._ssl,
+                                 transport=self._transport, limits=httpx.Limits(max_connections=1))
+
+    async def _send(self, client: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = await self._client.request(method, path, **kwargs)
+            response = await client.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
             raise CoreTimeout("the core did not answer in time") from exc
         except httpx.HTTPError as exc:
             raise CoreUnavailable("the core server is unreachable", code="core_unreachable") from exc
         if response.status_code >= 400:
-            raise core_refusal(response.status_code, _code_of(response))
+            code = _code_of(response)
+            if code in _RESUMABLE and response.status_code in (401, 503):
+                raise _Resume()
+            if response.status_code == 401 and code == "edge_not_admitted":
+                raise EdgeNotAdmitted(f"the core at {self.base_url} does not admit this edge: enroll its key "
+                                      f"{public_text(self.identity.public_key())} in core.allowed_edges")
+            raise core_refusal(response.status_code, code)
         return response
 
-    async def step(self, req: StepRequest) -> StepResult:
-        body = wire.encode_request(req)
-        response = await self._send("POST", "/v1/step", content=body,
-                                    headers={"content-type": wire.CONTENT_TYPE, "x-request-id": req.request_id})
+    async def info(self) -> dict[str, Any]:
+        response = await self._send(self._info_client, "GET", "/v1/info")
         try:
-            result = wire.decode_result(response.content)
-        except (InvalidRequest, ValueError, TypeError) as exc:
+            info = response.json()
+            ident = info["identity"]
+            core_key = parse_public_key(ident["public_key"])
+            mlkem_raw = ident.get("mlkem768_public_key")
+            core_mlkem = mlkem.MLKEM768PublicKey.from_public_bytes(unb64(mlkem_raw)) if mlkem_raw else None
+        except (ValueError, KeyError, TypeError, VeilError) as exc:
+            raise CoreProtocolError("the core's /v1/info is not the object the edge expects") from exc
+        if not isinstance(info.get("bundle_id"), str):
+            raise CoreProtocolError("the core's /v1/info is not the object the edge expects")
+        if not self.pin.matches(core_key):
+            self._core = None
+            raise CoreIdentityMismatch(f"the core at {self.base_url} presents key {fingerprint(core_key)}, not the "
+                                       f"pinned {self.pin.fingerprint}; the edge sends it nothing")
+        self._core = CoreKeys(core_key, core_mlkem)
+        return info
+
+    async def _open(self, sid: str, bundle_id: str, resume: bool, locker_key: bytes) -> _Link:
+        if self._core is None:
+            await self.info()
+        assert self._core is not None
+        hello = EdgeHello(self.identity, self._core, sid, bundle_id, resume=resume, post_quantum=self.post_quantum)
+        client = self._client()
+        try:
+            reply = await self._send(client, "POST", "/v1/sessions", content=hello.body,
+                                     headers={"content-type": "application/octet-stream"})
+            link = _Link(client, hello.finish(reply.content), locker_key)
+        except BaseException:
+            await client.aclose()
+            raise
+        self._links[sid] = link
+        return link
+
+    async def _resume(self, sid: str, bundle_id: str, locker_key: bytes) -> _Link:
+        """A new handshake for a session whose replica went away; the core looks for it in the locker."""
+        failure: Exception = CoreUnavailable("the core server is unreachable", code="core_unreachable")
+        for delay in RESUME_BACKOFF:
+            await asyncio.sleep(delay)
+            try:
+                link = await self._open(sid, bundle_id, True, locker_key)
+            except (_Resume, CoreUnavailable) as exc:
+                if isinstance(exc, (CoreIdentityMismatch, EdgeNotAdmitted, BundleMismatch, CoreBusy)):
+                    raise
+                failure = exc if isinstance(exc, CoreUnavailable) else failure
+                continue
+            if self.metrics is not None:
+                self.metrics.core_resumes.inc()
+            log.info("core session resumed on a fresh handshake")
+            return link
+        raise failure
+
+    async def _step_on(self, link: _Link, req: StepRequest) -> StepResult:
+        if link.fresh:
+            req = dataclasses.replace(req, locker_key=link.locker_key)
+        frame = link.channel.seal("step", wire.encode_request(req))
+        seq = link.channel.sent - 1
+        try:
+            response = await self._send(link.client, "POST", f"/v1/sessions/{req.session}/step", content=frame,
+                                        headers={"content-type": wire.CONTENT_TYPE, "x-request-id": req.request_id})
+        except CoreUnavailable as exc:
+            if exc.code == "core_unreachable":  # the connection broke: the replica may be gone
+                raise _Resume() from exc
+            raise
+        link.fresh = False
+        try:
+            result = wire.decode_result(link.channel.open("step", response.content, seq=seq))
+        except VeilError as exc:
+            raise CoreProtocolError("the core answered a step with a frame that does not open") from exc
+        except (ValueError, TypeError) as exc:
             raise CoreProtocolError("the core answered a step with a malformed frame") from exc
         return check_result(req, result)
 
-    async def close_session(self, session: str) -> None:
+    async def step(self, req: StepRequest) -> StepResult:
+        link = self._links.get(req.session)
+        if link is None:
+            link = await self._open(req.session, req.bundle_id, False, secrets.token_bytes(32))
         try:
-            await self._send("DELETE", f"/v1/sessions/{session}")
-        except SessionLost:
-            pass  # already gone
-        except CoreError as exc:  # idle expiry is the fallback
-            log.warning("closing a core session failed code=%s", exc.code)
+            return await self._step_on(link, req)
+        except _Resume:
+            await self._drop(req.session)
+        link = await self._resume(req.session, req.bundle_id, link.locker_key)
+        try:
+            return await self._step_on(link, req)
+        except _Resume as exc:
+            raise CoreUnavailable("the core lost this session twice in a row", code="core_unreachable") from exc
 
-    async def info(self) -> dict[str, Any]:
-        response = await self._send("GET", "/v1/info")
+    async def _drop(self, sid: str) -> None:
+        link = self._links.pop(sid, None)
+        if link is not None:
+            await link.client.aclose()
+
+    async def close_session(self, session: str) -> None:
+        link = self._links.get(session)
+        if link is None:
+            return
         try:
-            info = response.json()
-        except ValueError:
-            info = None
-        if not isinstance(info, dict) or not isinstance(info.get("bundle_id"), str):
-            raise CoreProtocolError("the core's /v1/info is not the object the edge expects")
-        return info
+            await self._send(link.client, "DELETE", f"/v1/sessions/{session}", content=link.channel.seal("close", b""))
+        except (CoreError, _Resume) as exc:  # idle expiry and the locker TTL are the fallback
+            log.info("closing a core session failed code=%s", getattr(exc, "code", "resume"))
+        finally:
+            await self._drop(session)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        for sid in list(self._links):
+            await self._drop(sid)
+        await self._info_client.aclose()
+
+
+def transport_from_settings(settings: Settings, metrics: EdgeMetrics | None = None) -> HttpCoreTransport:
+    """The edge's transport: its own identity (made on first start) and the pinned core key."""
+    if not settings.edge.core_public_key:
+        raise ConfigError("edge.core_public_key is not set: pin the core's key (its fingerprint, which "
+                          "`veil core identity` prints); the edge sends nothing to an unpinned core")
+    return HttpCoreTransport(settings.edge.core_url, settings.edge.core_timeout_seconds,
+                             identity=load_or_create(settings.edge_identity_path()),
+                             pin=CorePin.parse(settings.edge.core_public_key),
+                             post_quantum=settings.edge.post_quantum, metrics=metrics)

@@ -89,6 +89,7 @@ class Engine:
                 raise
             # The core lost the session (idle expiry, restart): the edge has the history, so re-prefill.
             log.warning("core session lost; re-prefilling rid=%s tokens=%d", rid, len(history))
+            self.metrics.reprefills.inc()
             hidden = await self._send(outgoing, session, 0, history, rid)
         self.metrics.step_roundtrip.observe(time.perf_counter() - started)
         return hidden

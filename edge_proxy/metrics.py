@@ -31,5 +31,11 @@ class EdgeMetrics:
         self.placeholders = Counter("veil_edge_placeholders_total",
                                     "Placeholders in replies: restored, or mangled by the model (never guessed)",
                                     ["outcome"], registry=r)
+        self.core_resumes = Counter("veil_edge_core_resumes_total",
+                                    "Core sessions re-opened on a fresh handshake (replica lost, idle, drained)",
+                                    registry=r)
+        self.reprefills = Counter("veil_edge_reprefills_total",
+                                  "Sessions the core lost and the edge re-sent from its history (same rows)",
+                                  registry=r)
         self.head = Histogram("veil_edge_head_seconds", "Final norm, LM head and sampling per token",
                               registry=r, buckets=_FAST)

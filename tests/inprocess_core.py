@@ -30,6 +30,8 @@ class InProcessCore:
         try:
             if req.bundle_id != self.stack.spec.bundle_id:
                 raise Conflict("another bundle", code="bundle_mismatch")
+            if req.offset == 0 and self.table.get(req.session) is None:
+                self.table.open(req.session, "in-process", self.table.max_sessions, None)
             seg = self.table.admit(req.session, req.offset, req.hidden.shape[0])
         except VeilError as exc:
             raise core_refusal(exc.status_code, exc.code) from exc

@@ -189,6 +189,18 @@ class BundleMismatch(CoreUnavailable):
                          "deploy the core bundle written with this edge bundle")
 
 
+class CoreIdentityMismatch(CoreUnavailable):
+    """Raised when the core cannot prove it holds the key the edge pins: the edge sends it nothing sealed."""
+
+    code = "core_identity_mismatch"
+
+
+class EdgeNotAdmitted(CoreUnavailable):
+    """Raised when the core refuses this edge's key: it is not enrolled there (core.allowed_edges)."""
+
+    code = "edge_not_admitted"
+
+
 class CoreTimeout(CoreError):
     """Raised when the core does not answer within the edge's timeout."""
 

@@ -42,8 +42,10 @@ class EdgeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     core_url: str = "http://127.0.0.1:8001"
+    core_public_key: str = ""  # the pinned core key: its fingerprint (SHA256:...) or public key (x25519:... or PEM)
+    identity_key_file: str = ""  # this edge's X25519 key, made 0600 on first start; empty = <home>/edge.key
+    post_quantum: bool = False  # hybrid MLKEM768-X25519 KEM for each session's handshake
     core_timeout_seconds: float = 60.0
-    core_connections: int = 32
     default_max_tokens: int = 0  # 0 = up to the context limit
     max_request_bytes: int = 4 * 1024 * 1024
     threads: int = 0  # torch threads for embedding/LM head; 0 = torch default
@@ -64,6 +66,19 @@ class CoreSettings:
     max_queued_steps: int = 1024  # steps waiting for the runner; 503 queue_full (Retry-After) beyond
     kv_budget_bytes: int = 0  # worst-case KV memory of all sessions; 0 = 90% of what the device has free
     threads: int = 0  # torch intra-op threads; 0 = torch default
+    identity_key_file: str = ""  # PEM PKCS#8 X25519 key (`veil core keygen`); empty = <home>/core.key
+    allowed_edges: str = ""  # YAML file of enrolled edges and their session quotas; empty = <home>/allowed_edges.yaml
+    locker_after_seconds: float = 30.0  # a session idle this long goes to the locker (when one is configured)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0  # Prometheus /metrics on its own address; 0 = not served
+
+
+@dataclasses.dataclass(slots=True)
+class LockerSettings:
+    redis_url: str = ""  # VEIL_LOCKER_REDIS_URL; empty = no locker (idle sessions expire, the edge re-prefills)
+    redis_password_file: str = ""  # file holding the Redis password (the chart mounts it from a Secret)
+    ttl_seconds: int = 3600  # a snapshot no replica resumes within this is gone
+    max_snapshot_bytes: int = 512 * 1024 * 1024  # larger sessions are not lockered (a miss costs a re-prefill)
 
 
 @dataclasses.dataclass(slots=True)
@@ -120,12 +135,13 @@ class Settings:
     auth: AuthSettings = dataclasses.field(default_factory=AuthSettings)
     policy: PolicySettings = dataclasses.field(default_factory=PolicySettings)
     redis: RedisSettings = dataclasses.field(default_factory=RedisSettings)
+    locker: LockerSettings = dataclasses.field(default_factory=LockerSettings)
     admin: AdminClientSettings = dataclasses.field(default_factory=AdminClientSettings)
     privacy: PrivacySettings = dataclasses.field(default_factory=PrivacySettings)
     log: LogSettings = dataclasses.field(default_factory=LogSettings)
 
     def __post_init__(self) -> None:
-        for port in (self.edge.port, self.core.port):
+        for port in (self.edge.port, self.core.port, self.core.metrics_port):
             if not 0 <= port <= 65535:
                 raise ConfigError(f"port {port} is out of range 0..65535")
         if self.core.max_sessions < 1 or self.core.max_tokens_per_session < 1:
@@ -133,6 +149,8 @@ class Settings:
         if self.core.max_result_rows < 1 or self.core.max_queued_steps < 1 or self.core.kv_budget_bytes < 0:
             raise ConfigError("core.max_result_rows and core.max_queued_steps must be >= 1, "
                               "core.kv_budget_bytes >= 0")
+        if self.core.locker_after_seconds <= 0 or self.locker.ttl_seconds < 1 or self.locker.max_snapshot_bytes < 1:
+            raise ConfigError("core.locker_after_seconds, locker.ttl_seconds and locker.max_snapshot_bytes must be > 0")
         if self.core.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("core.device must be one of auto, cpu, cuda")
         if self.privacy.noise_rho < 0 or self.privacy.noise_clip < 0:
@@ -157,6 +175,15 @@ class Settings:
 
     def audit_log_path(self) -> Path:
         return Path(self.policy.audit_log) if self.policy.audit_log else Path(self.home) / "audit.log"
+
+    def core_identity_path(self) -> Path:
+        return Path(self.core.identity_key_file) if self.core.identity_key_file else Path(self.home) / "core.key"
+
+    def edge_identity_path(self) -> Path:
+        return Path(self.edge.identity_key_file) if self.edge.identity_key_file else Path(self.home) / "edge.key"
+
+    def allowed_edges_path(self) -> Path:
+        return Path(self.core.allowed_edges) if self.core.allowed_edges else Path(self.home) / "allowed_edges.yaml"
 
     def key_file_path(self) -> Path:
         return Path(self.bundle.key_file) if self.bundle.key_file else Path(self.home) / "bundle.key"

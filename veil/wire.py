@@ -1,8 +1,8 @@
 """The step wire format shared by edge and core: a msgpack header plus raw tensor bytes.
 
 A frame is `u32 big-endian header length | msgpack header | little-endian array bytes`.
-The whole frame is the unit that end-to-end sealing will encrypt later, so its shape
-does not depend on the transport around it.
+The whole frame is the plaintext that `veil.channel` seals end to end, so its shape does not
+depend on the transport around it.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ class StepRequest:
     request_id: str = ""
     # the bundle whose rotation the states are in; a core serving another bundle refuses the step
     bundle_id: str = dataclasses.field(kw_only=True)
+    # the session's locker key, sent in the first frame of each channel (frames are sealed end to end)
+    locker_key: bytes | None = dataclasses.field(default=None, kw_only=True)
 
 
 @dataclasses.dataclass(slots=True)
@@ -106,6 +108,8 @@ def encode_request(req: StepRequest) -> bytes:
         "dim": req.hidden.shape[1],
         "dtype": dtype,
     }
+    if req.locker_key is not None:
+        header["locker"] = req.locker_key
     return _frame(header, payload)
 
 
@@ -119,13 +123,17 @@ def decode_request(data: bytes) -> StepRequest:
     bundle = header.get("bundle")
     if not isinstance(bundle, str) or not 1 <= len(bundle) <= 128:
         raise InvalidRequest("step needs the bundle id its states belong to")
+    locker = header.get("locker")
+    if locker is not None and (not isinstance(locker, bytes) or len(locker) != 32):
+        raise InvalidRequest("a step's locker key must be 32 bytes")
     hidden = _tensor(header, payload)
     if hidden.shape[0] == 0:
         raise InvalidRequest("step carries no tokens")
     n = hidden.shape[0]
     if not isinstance(want, list) or not want or not all(isinstance(i, int) and -n <= i < n for i in want):
         raise InvalidRequest(f"step want must list row indices in [-{n}, {n})")
-    return StepRequest(session, offset, hidden, want, str(header.get("rid", ""))[:64], bundle_id=bundle)
+    return StepRequest(session, offset, hidden, want, str(header.get("rid", ""))[:64], bundle_id=bundle,
+                       locker_key=locker)
 
 
 def encode_result(res: StepResult) -> bytes:

@@ -16,6 +16,7 @@ from typing import IO
 import httpx
 
 from veil.errors import VeilError
+from veil_cli.enroll import enroll_locally
 
 
 def free_port() -> int:
@@ -86,9 +87,12 @@ class VeilPair:
     def __init__(self, tmp: Path, edge_bundle: Path, core_bundle: Path, key_file: Path, model_name: str,
                  core_env: dict[str, str] | None = None, edge_env: dict[str, str] | None = None):
         core_port, edge_port = free_port(), free_port()
-        common = {"VEIL_BUNDLE_KEY_FILE": str(key_file), "VEIL_MODEL_NAME": model_name}
+        self.metrics_url = f"http://127.0.0.1:{free_port()}"
+        common = {"VEIL_BUNDLE_KEY_FILE": str(key_file), "VEIL_MODEL_NAME": model_name,
+                  **enroll_locally(tmp / "core.key", tmp / "edge.key", tmp / "allowed_edges.yaml", 64)}
+        core_env = {"VEIL_CORE_METRICS_PORT": self.metrics_url.rsplit(":", 1)[1], **(core_env or {})}
         self.core = Server("core", base_env(tmp, VEIL_CORE_PORT=str(core_port), VEIL_CORE_BUNDLE=str(core_bundle),
-                                            **common, **(core_env or {})), core_port, tmp / f"core-{core_port}.log")
+                                            **common, **core_env), core_port, tmp / f"core-{core_port}.log")
         self.edge: Server | None = None
         try:
             self.core.wait_ready()

@@ -12,6 +12,7 @@ from typing import Any
 from cloaking.cli import cloak_configured
 from veil.bundle import CORE_SPEC, EDGE_SPEC, bundle_exists
 from veil.settings import Settings
+from veil_cli.enroll import enroll_locally
 from veil_cli.processes import Server
 
 
@@ -27,6 +28,12 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         cloak_configured(settings, force=True)
     env = dict(os.environ)
     env["VEIL_BUNDLE_KEY_FILE"] = str(settings.key_file_path())
+    # both ends on loopback: identities made on first run, this edge enrolled, the core pinned
+    wiring = enroll_locally(settings.core_identity_path(), settings.edge_identity_path(),
+                            settings.allowed_edges_path(), settings.core.max_sessions)
+    if settings.edge.core_public_key:  # the user pinned a key themselves: keep it
+        del wiring["VEIL_EDGE_CORE_PUBLIC_KEY"]
+    env.update(wiring)
     env.setdefault("HF_HUB_OFFLINE", "1")
     servers: list[Server] = []
     try:

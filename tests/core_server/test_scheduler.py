@@ -53,7 +53,9 @@ class RecordingStack:
 @pytest.fixture()
 def parts():
     clock, stack = Clock(), RecordingStack()
-    table = SessionTable(stack.new_session, max_sessions=4, max_tokens=100, idle_seconds=30, clock=clock)
+    table = SessionTable(stack.new_session, max_sessions=8, max_tokens=100, idle_seconds=30, clock=clock)
+    for s in "abcde":  # as the handshakes of five sessions do
+        table.open(s * 16, "edge", 8, None)
     scheduler = StepScheduler(stack, table, CoreMetrics(), max_batch_tokens=16, max_queued=4,  # type: ignore[arg-type]
                               clock=clock)
     return scheduler, stack, table, clock

@@ -114,7 +114,7 @@ def core_image_packages() -> set[str]:
 
 
 # what only the edge's trust domain may hold: tokenizer, checkpoint loading, templates, policy
-EDGE_ONLY_IMPORTS = {"transformers", "tokenizers", "gguf", "accelerate", "jinja2", "jwt", "redis", "presidio_analyzer",
+EDGE_ONLY_IMPORTS = {"transformers", "tokenizers", "gguf", "accelerate", "jinja2", "jwt", "presidio_analyzer",
                      "cloaking", "edge_proxy", "admin", "privacy_audit", "veil_cli"}
 
 

@@ -1,0 +1,178 @@
+"""The locker: idle sessions' KV caches in Redis, sealed under a key only the session's edge gives.
+
+A snapshot is `nonce || AES-256-GCM(header || k || v)` under the session's locker key, with the
+session id and bundle id as associated data; its Redis key is an HMAC of the session id under
+the same key, so Redis learns neither ids nor contents. The core holds the locker key only while
+the session is live (it arrives inside the sealed channel) and never writes it anywhere.
+Snapshots expire after `locker.ttl_seconds`; when Redis evicts one (maxmemory), resuming that
+session is a miss, and a miss costs the edge one re-prefill from its history, never the answer.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import hmac
+import logging
+import os
+import threading
+from pathlib import Path
+
+import msgpack
+import redis
+import torch
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from core_server.metrics import CoreMetrics
+from veil.errors import ConfigError
+from veil.model.kv import Session
+from veil.settings import Settings
+
+log = logging.getLogger("veil.core.locker")
+_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_PREFIX = "veil:locker:"
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+
+
+def _aad(sid: str, bundle_id: str) -> bytes:
+    return b"veil/1 locker|" + sid.encode() + b"|" + bundle_id.encode()
+
+
+def seal_snapshot(kv: Session, sid: str, bundle_id: str, key: bytes) -> bytes:
+    n = kv.length
+    layers, kv_heads, _, head_dim = kv.k.shape
+    header = msgpack.packb({"v": 1, "bundle": bundle_id, "length": n, "layers": layers, "kv_heads": kv_heads,
+                            "head_dim": head_dim, "dtype": _NAMES[kv.k.dtype]})
+    plain = len(header).to_bytes(4, "big") + header + _raw(kv.k[:, :, :n]) + _raw(kv.v[:, :, :n])
+    nonce = os.urandom(12)
+    return nonce + AESGCM(key).encrypt(nonce, plain, _aad(sid, bundle_id))
+
+
+def open_snapshot(blob: bytes, sid: str, bundle_id: str, key: bytes, empty: Session) -> Session | None:
+    """The snapshot restored into `empty` (a fresh session of the right shape), or None if it does not verify."""
+    try:
+        plain = AESGCM(key).decrypt(blob[:12], blob[12:], _aad(sid, bundle_id))
+    except (InvalidTag, ValueError):
+        return None
+    n_head = int.from_bytes(plain[:4], "big")
+    header = msgpack.unpackb(plain[4 : 4 + n_head])
+    layers, kv_heads, _, head_dim = empty.k.shape
+    n = header.get("length", -1)
+    dtype = _DTYPES.get(header.get("dtype"))
+    if (header.get("bundle") != bundle_id or (header.get("layers"), header.get("kv_heads"), header.get("head_dim"))
+            != (layers, kv_heads, head_dim) or dtype != empty.k.dtype or not 0 < n <= empty.limit):
+        return None
+    half = layers * kv_heads * n * head_dim * dtype.itemsize
+    body = memoryview(plain)[4 + n_head :]
+    if len(body) != 2 * half:
+        return None
+    raw_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
+    shape = (layers, kv_heads, n, head_dim)
+    seg = empty.begin(0, n)
+    for dst, part in ((seg.session.k, body[:half]), (seg.session.v, body[half:])):
+        dst[:, :, :n] = torch.frombuffer(bytearray(part), dtype=raw_dtype).view(dtype).view(shape).to(dst.device)
+    empty.commit(seg)
+    return empty
+
+
+class Locker:
+    """Puts (on a writer thread, so the runner never waits on Redis) and takes sealed snapshots."""
+
+    def __init__(self, client: redis.Redis, metrics: CoreMetrics, *, ttl_seconds: int, max_bytes: int):
+        self.client, self.metrics = client, metrics
+        self.ttl_seconds, self.max_bytes = ttl_seconds, max_bytes
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="veil-locker")
+        self._pending: dict[str, concurrent.futures.Future[None]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def locator(sid: str, key: bytes) -> str:
+        return _PREFIX + hmac.new(key, b"locator|" + sid.encode(), hashlib.sha256).hexdigest()[:40]
+
+    def put(self, sid: str, key: bytes, bundle_id: str, kv: Session) -> None:
+        """Queue a snapshot of `kv` (no longer used by anyone else) for writing."""
+        where = self.locator(sid, key)
+        fut = self._writer.submit(self._write, where, sid, key, bundle_id, kv)
+        with self._lock:
+            self._pending[where] = fut
+        fut.add_done_callback(lambda _: self._forget(where, fut))
+
+    def _forget(self, where: str, fut: concurrent.futures.Future[None]) -> None:
+        with self._lock:
+            if self._pending.get(where) is fut:
+                del self._pending[where]
+
+    def _write(self, where: str, sid: str, key: bytes, bundle_id: str, kv: Session) -> None:
+        blob = seal_snapshot(kv, sid, bundle_id, key)
+        if len(blob) > self.max_bytes:
+            self.metrics.locker_writes.labels(result="too_large").inc()
+            log.info("session not lockered: snapshot over max_snapshot_bytes bytes=%d", len(blob))
+            return
+        try:
+            self.client.set(where, blob, ex=self.ttl_seconds)
+        except redis.RedisError as exc:
+            self.metrics.locker_writes.labels(result="failed").inc()
+            log.warning("locker write failed error=%s", type(exc).__name__)
+            return
+        self.metrics.locker_writes.labels(result="stored").inc()
+
+    def flush(self, timeout: float = 30) -> None:
+        """Wait for queued writes (at shutdown)."""
+        with self._lock:
+            pending = list(self._pending.values())
+        concurrent.futures.wait(pending, timeout=timeout)
+
+    def take(self, sid: str, key: bytes, bundle_id: str, empty: Session) -> Session | None:
+        """The session's snapshot restored into `empty`, removed from Redis; None on a miss."""
+        where = self.locator(sid, key)
+        with self._lock:
+            pending = self._pending.get(where)
+        if pending is not None:
+            concurrent.futures.wait([pending], timeout=30)  # this replica is still writing it
+        try:
+            blob = self.client.getdel(where)
+        except redis.RedisError as exc:
+            self.metrics.locker_reads.labels(result="failed").inc()
+            log.warning("locker read failed error=%s", type(exc).__name__)
+            return None
+        if blob is None:
+            self.metrics.locker_reads.labels(result="miss").inc()
+            return None
+        kv = open_snapshot(blob, sid, bundle_id, key, empty)  # type: ignore[arg-type]
+        self.metrics.locker_reads.labels(result="hit" if kv is not None else "invalid").inc()
+        if kv is None:
+            log.warning("locker snapshot did not verify; the edge will re-prefill")
+        return kv
+
+    def discard(self, sid: str, key: bytes) -> None:
+        try:
+            self.client.delete(self.locator(sid, key))
+        except redis.RedisError:
+            pass  # the TTL removes it
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self.client.close()
+
+
+def locker_from_settings(settings: Settings, metrics: CoreMetrics) -> Locker | None:
+    cfg = settings.locker
+    if not cfg.redis_url:
+        return None
+    password = None
+    if cfg.redis_password_file:
+        try:
+            password = Path(cfg.redis_password_file).read_text().strip() or None
+        except OSError as exc:
+            raise ConfigError(f"cannot read locker.redis_password_file {cfg.redis_password_file}") from exc
+    try:
+        client = redis.Redis.from_url(cfg.redis_url, password=password, socket_timeout=5, socket_connect_timeout=5)
+    except ValueError as exc:
+        raise ConfigError("locker.redis_url is not a redis:// or rediss:// URL") from exc
+    return Locker(client, metrics, ttl_seconds=cfg.ttl_seconds, max_bytes=cfg.max_snapshot_bytes)
