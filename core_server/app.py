@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ class CoreState(State):
 
     settings: Settings
     metrics: CoreMetrics
-    identity: CoreIdentity
+    identities: list[CoreIdentity]  # the current key first; the previous one too during a rotation
     edges: dict[bytes, Edge]
     locker: Locker | None
     replays: ReplayGuard
@@ -146,7 +147,7 @@ async def open_session(request: Request[Any, Any, CoreState], state: CoreState) 
     """The handshake: an HPKE-sealed hello from an enrolled edge in, the core's half of the key exchange out."""
     body = await request.body()
     try:
-        hello = open_hello(body, state.identity, state.edges)
+        hello = open_hello(body, state.identities, state.edges)
         state.replays.check(hello.digest)
     except VeilError as exc:
         state.metrics.handshakes.labels(result=str(exc.code)).inc()
@@ -209,7 +210,8 @@ async def info(state: CoreState) -> dict[str, Any]:
     spec = scheduler.stack.spec
     return {
         "protocol": "veil/1",
-        "identity": state.identity.info(),
+        "identity": state.identities[0].info(),
+        "identities": [i.info() for i in state.identities],
         "kems": ["x25519", "mlkem768-x25519"],
         "bundle_id": spec.bundle_id,
         "hidden_size": spec.hidden_size,
@@ -249,17 +251,20 @@ def drain(state: CoreState) -> int:
     return spilled
 
 
-def _identity(settings: Settings) -> CoreIdentity:
+def _identities(settings: Settings) -> list[CoreIdentity]:
     path = settings.core_identity_path()
     if not path.exists():
         raise ConfigError(f"the core has no identity key at {path}; make one with `veil core keygen`")
-    return CoreIdentity.from_key(load_private_key(path))
+    keys = [CoreIdentity.from_key(load_private_key(path))]
+    if settings.core.previous_identity_key_file:  # a rotation's overlap: edges that pin the old key still get in
+        keys.append(CoreIdentity.from_key(load_private_key(Path(settings.core.previous_identity_key_file))))
+    return keys
 
 
 def create_app(settings: Settings) -> Litestar:
     metrics = CoreMetrics()
     locker = locker_from_settings(settings, metrics)
-    state = CoreState({"settings": settings, "metrics": metrics, "identity": _identity(settings),
+    state = CoreState({"settings": settings, "metrics": metrics, "identities": _identities(settings),
                        "edges": load_allowed_edges(settings.allowed_edges_path(), settings.core.max_sessions),
                        "locker": locker, "replays": ReplayGuard(locker.client if locker else None),
                        "scheduler": None, "load_error": None, "draining": False})

@@ -85,6 +85,12 @@ def check_result(req: StepRequest, result: StepResult) -> StepResult:
     return result
 
 
+def _core_keys(ident: dict[str, str]) -> CoreKeys:
+    pq = ident.get("mlkem768_public_key")
+    return CoreKeys(parse_public_key(ident["public_key"]),
+                    mlkem.MLKEM768PublicKey.from_public_bytes(unb64(pq)) if pq else None)
+
+
 _RESUMABLE = {"session_unknown", "draining", "not_ready", "runner_failed", "load_failed"}
 RESUME_BACKOFF = (0.05, 0.25, 1.0)  # seconds before each re-handshake after a replica went away
 
@@ -141,22 +147,19 @@ class HttpCoreTransport:
         return response
 
     async def info(self) -> dict[str, Any]:
+        """The core's public info; its keys are used only if one of them matches the pin."""
         response = await self._send(self._info_client, "GET", "/v1/info")
         try:
             info = response.json()
-            ident = info["identity"]
-            core_key = parse_public_key(ident["public_key"])
-            mlkem_raw = ident.get("mlkem768_public_key")
-            core_mlkem = mlkem.MLKEM768PublicKey.from_public_bytes(unb64(mlkem_raw)) if mlkem_raw else None
-        except (ValueError, KeyError, TypeError, VeilError) as exc:
+            offered = [_core_keys(ident) for ident in info.get("identities") or [info["identity"]]]
+        except (ValueError, KeyError, TypeError, AttributeError, VeilError) as exc:
             raise CoreProtocolError("the core's /v1/info is not the object the edge expects") from exc
-        if not isinstance(info.get("bundle_id"), str):
+        if not isinstance(info.get("bundle_id"), str) or not offered:
             raise CoreProtocolError("the core's /v1/info is not the object the edge expects")
-        if not self.pin.matches(core_key):
-            self._core = None
-            raise CoreIdentityMismatch(f"the core at {self.base_url} presents key {fingerprint(core_key)}, not the "
-                                       f"pinned {self.pin.fingerprint}; the edge sends it nothing")
-        self._core = CoreKeys(core_key, core_mlkem)
+        self._core = next((keys for keys in offered if self.pin.matches(keys.x_key)), None)
+        if self._core is None:
+            raise CoreIdentityMismatch(f"the core at {self.base_url} presents key {fingerprint(offered[0].x_key)}, "
+                                       f"not the pinned {self.pin}; the edge sends it nothing")
         return info
 
     async def _open(self, sid: str, bundle_id: str, resume: bool, locker_key: bytes) -> _Link:
@@ -169,6 +172,11 @@ class HttpCoreTransport:
             reply = await self._send(client, "POST", "/v1/sessions", content=hello.body,
                                      headers={"content-type": "application/octet-stream"})
             link = _Link(client, hello.finish(reply.content), locker_key)
+        except (EdgeNotAdmitted, CoreIdentityMismatch):
+            await client.aclose()
+            self._core = None
+            await self.info()  # a core that no longer shows the pinned key says so here, by name
+            raise
         except BaseException:
             await client.aclose()
             raise

@@ -18,7 +18,7 @@ from edge_proxy.metrics import EdgeMetrics
 from edge_proxy.outgoing import OutgoingStates
 from edge_proxy.reply_text import ReplyText
 from edge_proxy.sampling import Sampler
-from veil.errors import BundleMismatch, ContextLengthExceeded, CoreProtocolError, SessionLost
+from veil.errors import BundleMismatch, ContextLengthExceeded, CoreIdentityMismatch, CoreProtocolError, SessionLost
 from veil.wire import StepRequest
 
 log = logging.getLogger("veil.edge.generate")
@@ -73,8 +73,8 @@ class Engine:
         req = StepRequest(session, offset, states, request_id=rid, bundle_id=self.model.spec.bundle_id)
         try:
             result = await self.core.step(req)
-        except BundleMismatch:
-            self.context_limit = None  # the core was redeployed: verify it again before the next request
+        except (BundleMismatch, CoreIdentityMismatch):
+            self.context_limit = None  # the core was redeployed or replaced: verify it again before the next request
             raise
         self.metrics.core_compute.observe(result.compute_ms / 1000)
         return result.hidden[-1]

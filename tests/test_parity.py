@@ -43,8 +43,7 @@ def _until_eos(ids: list[int], eos: frozenset[int]) -> list[int]:
     return ids
 
 
-async def _veil_greedy(model: EdgeModel, core_url: str, prompt_ids: list[int], n: int) -> list[int]:
-    transport = HttpCoreTransport(core_url, 60, 4)
+async def _veil_greedy(model: EdgeModel, transport: HttpCoreTransport, prompt_ids: list[int], n: int) -> list[int]:
     engine = Engine(model, transport, EdgeMetrics())
     gen = Generation("parity", prompt_ids, n, SamplingParams(temperature=0.0))
     try:
@@ -61,7 +60,7 @@ def _check_pair(ckpt, pair: VeilPair, edge_model: EdgeModel, model_name: str, pr
     for prompt in prompts:
         prompt_ids = render_prompt(ckpt.tokenizer, _messages(prompt))
         want = _until_eos(reference_greedy(ckpt, prompt_ids, n), edge_model.eos_ids)
-        got = asyncio.run(_veil_greedy(edge_model, pair.core.url, prompt_ids, n))
+        got = asyncio.run(_veil_greedy(edge_model, pair.core_transport(), prompt_ids, n))
         assert got == want, f"token mismatch for prompt #{prompts.index(prompt)}"
         text = ckpt.tokenizer.decode([t for t in want if t not in edge_model.eos_ids], skip_special_tokens=True)
         kwargs = dict(model=model_name, messages=_messages(prompt), temperature=0, max_tokens=n)

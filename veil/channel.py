@@ -29,7 +29,7 @@ import hmac
 import secrets
 import struct
 import time
-from typing import Collection
+from typing import Collection, Sequence
 
 import msgpack
 from cryptography.exceptions import InvalidTag
@@ -178,7 +178,7 @@ class EdgeHello:
         self._fields = _fields(sid, bundle_id, raw_public(edge.public_key()), raw_public(self._eph.public_key()),
                                self._k, ts, resume, kem)
         plain = msgpack.packb([self._fields, _mac(_auth_key(self._ss, self._k), self._fields)], use_bin_type=True)
-        self.body = bytes([kem]) + _SUITES[kem].encrypt(plain, recipient, info=_HELLO_INFO)
+        self.body = bytes([kem]) + key_id(core.x_key) + _SUITES[kem].encrypt(plain, recipient, info=_HELLO_INFO)
 
     def finish(self, reply: bytes) -> Channel:
         """Check the core's confirmation; a core without the pinned key cannot produce it."""
@@ -229,15 +229,24 @@ def _refused() -> AuthenticationFailed:
     return AuthenticationFailed("the core admits only enrolled edges", code="edge_not_admitted")
 
 
-def open_hello(body: bytes, core: CoreIdentity, enrolled: Collection[bytes],
+def key_id(key: x25519.X25519PublicKey) -> bytes:
+    """The 8 bytes after the KEM byte: which of a core's keys (during a rotation) the hello is sealed to."""
+    return hashlib.sha256(raw_public(key)).digest()[:8]
+
+
+def open_hello(body: bytes, cores: Sequence[CoreIdentity], enrolled: Collection[bytes],
                now: float | None = None) -> Hello:
-    """Decrypt and authenticate a hello, or raise 401 without saying why."""
-    if not 2 <= len(body) <= _MAX_HELLO or body[0] not in _SUITES:
+    """Decrypt and authenticate a hello sealed to one of `cores` (the current key, and the previous one
+    during a rotation), or raise 401 without saying why."""
+    if not 10 <= len(body) <= _MAX_HELLO or body[0] not in _SUITES:
         raise _refused()
     kem = body[0]
+    core = next((c for c in cores if c.key_id == body[1:9]), None)
+    if core is None:
+        raise _refused()
     recipient = core.x_key if kem == KEM_X25519 else hpke.MLKEM768X25519PrivateKey(core.pq_key, core.x_key)
     try:
-        plain = _SUITES[kem].decrypt(body[1:], recipient, info=_HELLO_INFO)
+        plain = _SUITES[kem].decrypt(body[9:], recipient, info=_HELLO_INFO)
         fields, mac = msgpack.unpackb(plain, raw=False)
         version, sid, bundle, edge, eph, k, ts, resume, kem_inside = msgpack.unpackb(fields, raw=False)
         edge_key = x25519.X25519PublicKey.from_public_bytes(edge)

@@ -130,6 +130,11 @@ class CoreIdentity:
     def public(self) -> x25519.X25519PublicKey:
         return self.x_key.public_key()
 
+    @property
+    def key_id(self) -> bytes:
+        """What a hello names its recipient by (sha256 of the public key, 8 bytes)."""
+        return hashlib.sha256(raw_public(self.public)).digest()[:8]
+
     def info(self) -> dict[str, str]:
         """The public half, as /v1/info serves it."""
         return {"public_key": public_text(self.public), "fingerprint": fingerprint(self.public),
@@ -138,18 +143,29 @@ class CoreIdentity:
 
 @dataclasses.dataclass(frozen=True)
 class CorePin:
-    """What an edge trusts: the core's fingerprint, or its whole public key."""
+    """What an edge trusts: one or more core keys, by fingerprint or whole public key (several during a
+    key rotation, comma-separated)."""
 
-    fingerprint: str
+    fingerprints: tuple[str, ...]
 
     @classmethod
     def parse(cls, text: str) -> CorePin:
-        text = text.strip()
-        if text.startswith(FINGERPRINT_PREFIX):
-            if len(unb64(text[len(FINGERPRINT_PREFIX):])) != 32:
-                raise ConfigError("a core fingerprint must be SHA256:<base64url of 32 bytes>")
-            return cls(text)
-        return cls(fingerprint(parse_public_key(text)))
+        pins = []
+        for part in (p.strip() for p in (text.split(",") if "BEGIN" not in text else [text])):
+            if not part:
+                continue
+            if part.startswith(FINGERPRINT_PREFIX):
+                if len(unb64(part[len(FINGERPRINT_PREFIX):])) != 32:
+                    raise ConfigError("a core fingerprint must be SHA256:<base64url of 32 bytes>")
+                pins.append(part)
+            else:
+                pins.append(fingerprint(parse_public_key(part)))
+        if not pins:
+            raise ConfigError("edge.core_public_key names no key")
+        return cls(tuple(pins))
 
     def matches(self, key: x25519.X25519PublicKey) -> bool:
-        return fingerprint(key) == self.fingerprint
+        return fingerprint(key) in self.fingerprints
+
+    def __str__(self) -> str:
+        return ", ".join(self.fingerprints)

@@ -67,6 +67,7 @@ class CoreSettings:
     kv_budget_bytes: int = 0  # worst-case KV memory of all sessions; 0 = 90% of what the device has free
     threads: int = 0  # torch intra-op threads; 0 = torch default
     identity_key_file: str = ""  # PEM PKCS#8 X25519 key (`veil core keygen`); empty = <home>/core.key
+    previous_identity_key_file: str = ""  # during a key rotation: the old key, still accepted
     allowed_edges: str = ""  # YAML file of enrolled edges and their session quotas; empty = <home>/allowed_edges.yaml
     locker_after_seconds: float = 30.0  # a session idle this long goes to the locker (when one is configured)
     metrics_host: str = "127.0.0.1"

@@ -11,11 +11,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
+from edge_proxy.core_client import HttpCoreTransport
 from veil.errors import VeilError
+from veil.identity import CorePin, load_private_key
 from veil_cli.enroll import enroll_locally
 
 
@@ -88,8 +90,8 @@ class VeilPair:
                  core_env: dict[str, str] | None = None, edge_env: dict[str, str] | None = None):
         core_port, edge_port = free_port(), free_port()
         self.metrics_url = f"http://127.0.0.1:{free_port()}"
-        common = {"VEIL_BUNDLE_KEY_FILE": str(key_file), "VEIL_MODEL_NAME": model_name,
-                  **enroll_locally(tmp / "core.key", tmp / "edge.key", tmp / "allowed_edges.yaml", 64)}
+        self.wiring = enroll_locally(tmp / "core.key", tmp / "edge.key", tmp / "allowed_edges.yaml", 64)
+        common = {"VEIL_BUNDLE_KEY_FILE": str(key_file), "VEIL_MODEL_NAME": model_name, **self.wiring}
         core_env = {"VEIL_CORE_METRICS_PORT": self.metrics_url.rsplit(":", 1)[1], **(core_env or {})}
         self.core = Server("core", base_env(tmp, VEIL_CORE_PORT=str(core_port), VEIL_CORE_BUNDLE=str(core_bundle),
                                             **common, **core_env), core_port, tmp / f"core-{core_port}.log")
@@ -104,6 +106,12 @@ class VeilPair:
             self.stop()
             raise
         self.base_url = self.edge.url + "/v1"
+
+    def core_transport(self, **kwargs: Any) -> HttpCoreTransport:
+        """A sealed transport to this pair's core, as the edge (same key, same pin) would open it."""
+        identity = load_private_key(Path(self.wiring["VEIL_EDGE_IDENTITY_KEY_FILE"]))
+        return HttpCoreTransport(self.core.url, 60, identity=identity,
+                                 pin=CorePin.parse(self.wiring["VEIL_EDGE_CORE_PUBLIC_KEY"]), **kwargs)
 
     def stop(self) -> None:
         for s in (self.edge, self.core):

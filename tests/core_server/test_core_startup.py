@@ -9,7 +9,8 @@ import pytest
 from litestar.testing import TestClient
 
 from core_server import app as core_app
-from veil.errors import BundleError
+from veil.errors import BundleError, ConfigError
+from veil.identity import load_or_create
 from veil.settings import Settings
 
 
@@ -20,6 +21,7 @@ def _readyz_after_load(monkeypatch, tmp_path, failure: BaseException):
     monkeypatch.setattr(core_app.DecoderStack, "load", load)
     settings = Settings()
     settings.home = str(tmp_path)
+    load_or_create(settings.core_identity_path())
     with TestClient(core_app.create_app(settings)) as client:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -39,3 +41,10 @@ def test_any_start_up_failure_is_reported(monkeypatch, tmp_path, caplog, failure
     assert ready.status_code == 503 and ready.json()["error"]["code"] == "load_failed"
     assert "failed to start" in ready.json()["error"]["message"]
     assert any("core failed to start" in r.getMessage() for r in caplog.records)
+
+
+def test_a_core_without_an_identity_key_refuses_to_start(tmp_path) -> None:
+    settings = Settings()
+    settings.home = str(tmp_path)
+    with pytest.raises(ConfigError, match="veil core keygen"):
+        core_app.create_app(settings)
