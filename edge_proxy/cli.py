@@ -12,11 +12,24 @@ from admin.plane import build_plane
 from cloaking.secretbox import key_source
 from edge_proxy.app import create_app
 from edge_proxy.edge_model import EdgeModel
+from veil.identity import fingerprint, load_or_create, public_text
 from veil.settings import Settings
 
 
 def add_parser(sub: Any) -> None:
-    sub.add_parser("edge", help="run the edge proxy (OpenAI-compatible API)").set_defaults(run=run)
+    edge = sub.add_parser("edge", help="run the edge proxy (OpenAI-compatible API); identity")
+    edge.set_defaults(run=run)
+    commands = edge.add_subparsers(dest="edge_command")
+    commands.add_parser("identity", help="print this edge's public key (made on first use), to enroll it at a core"
+                        ).set_defaults(run=run_identity)
+
+
+def run_identity(settings: Settings, args: argparse.Namespace) -> int:
+    key = load_or_create(settings.edge_identity_path()).public_key()
+    print(f"public key:  {public_text(key)}\nfingerprint: {fingerprint(key)}\n"
+          f"enroll it in the core's allowed-edges file (core.allowed_edges) as\n"
+          f"  - name: <a name>\n    public_key: {public_text(key)}\n    max_sessions: 16")
+    return 0
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
