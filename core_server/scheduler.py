@@ -40,6 +40,7 @@ class StepScheduler:
         self.max_batch_tokens, self.max_queued = max_batch_tokens, max_queued
         self.failure: str | None = None  # set when the runner cannot go on; /readyz then says so
         self.clock = clock
+        metrics.active_sessions.set_function(table.holding_kv)  # read at scrape time, never stale
         self._waiting: collections.deque[_Pending] = collections.deque()
         self._cond = threading.Condition()
         self._running = False
@@ -112,7 +113,6 @@ class StepScheduler:
             if expired:
                 log.info("expired idle sessions count=%d", expired)
             self._last_sweep = self.clock()
-        self.metrics.active_sessions.set(self.table.holding_kv())
         batch = self.take_batch()
         if batch:
             self.run_batch(batch)

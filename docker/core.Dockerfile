@@ -1,10 +1,14 @@
 # syntax=docker/dockerfile:1
-# Veil core server: the decoder blocks, the KV cache and the binary step API.
+# Veil core server: the decoder blocks, the KV cache and the sealed step API
+# (an HPKE handshake from enrolled edges, then AES-256-GCM frames) on 8001, with
+# Prometheus /metrics on its own port, 9100.
 # Build from the repository root (the context is filtered by .dockerignore):
 #   docker build -f docker/core.Dockerfile --build-arg VARIANT=cuda -t veil-core:0.1.0-cuda .
 #   docker build -f docker/core.Dockerfile --build-arg VARIANT=cpu  -t veil-core:0.1.0-cpu  .
 # No model weights are baked in: mount the core bundle from `veil cloak` and point
-# VEIL_CORE_BUNDLE at it (the Helm chart in helm/veil-core does this).
+# VEIL_CORE_BUNDLE at it (the Helm chart in helm/veil-core does this). No keys
+# either: mount the identity key (VEIL_CORE_IDENTITY_KEY_FILE; `veil-core keygen`
+# makes one) and the allowed-edges file (VEIL_CORE_ALLOWED_EDGES).
 # Only veil/ (errors, settings, wire, bundle, http, logs, model maths) and
 # core_server/ are copied: the core ships without tokenizer, embedding, sampling,
 # cloaking or policy code, and without the `veil` composition root; its command
@@ -53,7 +57,7 @@ RUN pip install . \
 FROM base-${VARIANT} AS runtime
 ARG VARIANT
 LABEL org.opencontainers.image.title="veil-core" \
-      org.opencontainers.image.description="Veil core server: cloaked decoder blocks behind a binary step API" \
+      org.opencontainers.image.description="Veil core server: cloaked decoder blocks behind a sealed step API" \
       dev.veil.variant="${VARIANT}"
 RUN groupadd --system --gid 10001 veil \
  && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home \
@@ -70,8 +74,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     VEIL_CORE_HOST=0.0.0.0 \
     VEIL_CORE_PORT=8001 \
     VEIL_CORE_DEVICE=auto \
-    VEIL_CORE_BUNDLE=/var/lib/veil/bundle
-EXPOSE 8001
+    VEIL_CORE_BUNDLE=/var/lib/veil/bundle \
+    VEIL_CORE_METRICS_HOST=0.0.0.0 \
+    VEIL_CORE_METRICS_PORT=9100
+# 8001: handshakes, sealed steps, /healthz, /readyz, /v1/info; 9100: /metrics.
+EXPOSE 8001 9100
 USER 10001:10001
 # Healthy once the bundle is loaded (/readyz); large models take minutes to load.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \

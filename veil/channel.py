@@ -97,8 +97,10 @@ class FrameOutOfOrder(Conflict):
 class Channel:
     """One session's sealed frames; `send` and `recv` are the two directions as this end sees them."""
 
-    def __init__(self, sid: str, bundle_id: str, send_key: bytes, recv_key: bytes, send_dir: bytes, recv_dir: bytes):
+    def __init__(self, sid: str, bundle_id: str, send_key: bytes, recv_key: bytes, send_dir: bytes, recv_dir: bytes,
+                 *, answers: bool = False):
         self.sid, self.bundle_id = sid, bundle_id
+        self.answers = answers  # the core only answers frames: its seqs are the requests', never its own count
         self._send, self._recv = AESGCM(send_key), AESGCM(recv_key)
         self._send_dir, self._recv_dir = send_dir, recv_dir
         self.sent = 0  # next seq this end seals
@@ -115,6 +117,7 @@ class Channel:
     def seal(self, op: str, plaintext: bytes, seq: int | None = None) -> bytes:
         """The next frame (or the answer to frame `seq`, on the side that answers)."""
         if seq is None:
+            assert not self.answers, "an answering channel seals with the seq of the frame it answers"
             seq, self.sent = self.sent, self.sent + 1
         return _SEQ.pack(seq) + self._send.encrypt(self._nonce(seq), plaintext, self._aad(self._send_dir, op, seq))
 
@@ -128,7 +131,8 @@ class Channel:
         """(seq, plaintext) of an authentic frame, without accepting it: the caller calls `accept(seq)`."""
         seq = self.seq_of(frame)
         try:
-            plain = self._recv.decrypt(self._nonce(seq), frame[_SEQ.size:], self._aad(self._recv_dir, op, seq))
+            plain = self._recv.decrypt(self._nonce(seq), memoryview(frame)[_SEQ.size:],
+                                       self._aad(self._recv_dir, op, seq))
         except InvalidTag:
             raise FrameRejected() from None
         return seq, plain
@@ -221,7 +225,7 @@ class Hello:
         e2c, c2e, confirm_key = _session_keys(self._k, self._ss, eph.exchange(self._eph),
                                               _transcript(self._fields, eph_raw))
         reply = msgpack.packb([eph_raw, _mac(confirm_key, b"core confirms")], use_bin_type=True)
-        return reply, Channel(self.sid, self.bundle_id, c2e, e2c, CORE_TO_EDGE, EDGE_TO_CORE)
+        return reply, Channel(self.sid, self.bundle_id, c2e, e2c, CORE_TO_EDGE, EDGE_TO_CORE, answers=True)
 
 
 def _refused() -> AuthenticationFailed:

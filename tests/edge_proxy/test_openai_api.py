@@ -114,8 +114,8 @@ def test_eight_concurrent_streams_complete_correctly(client: openai.OpenAI) -> N
     assert got == expected
 
 
-def _active_sessions(core_url: str) -> float:
-    text = httpx.get(core_url + "/metrics").text
+def _active_sessions(metrics_url: str) -> float:
+    text = httpx.get(metrics_url + "/metrics").text
     return float(re.search(r"^veil_core_active_sessions (\S+)$", text, re.M).group(1))
 
 
@@ -127,9 +127,9 @@ def test_client_disconnect_stops_generation_and_frees_the_core_session(client, s
             if i > 5:
                 break
     deadline = time.monotonic() + 15
-    while _active_sessions(smol_servers.core.url) > 0 and time.monotonic() < deadline:
+    while _active_sessions(smol_servers.metrics_url) > 0 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _active_sessions(smol_servers.core.url) == 0
+    assert _active_sessions(smol_servers.metrics_url) == 0
     assert re.search(r"status=disconnected stream=True prompt_tokens=\d+ completion_tokens=(\d+)",
                      smol_servers.edge.log())
     n = int(re.findall(r"status=disconnected stream=True prompt_tokens=\d+ completion_tokens=(\d+)",

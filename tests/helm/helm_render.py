@@ -2,6 +2,10 @@
 
 Run it as a script to see what a values file renders to:
     .venv/bin/python tests/helm/helm_render.py -f helm/veil-core/ci/locker-values.yaml
+
+values.yaml alone enrolls no edge, which the chart refuses (a core that admits nobody is a
+misconfiguration); so every render here that does not set `enrollment` itself gets
+TEST_ENROLLMENT, unless asked not to (`enroll=False`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ KUBE_VERSION = "v1.30.0"
 RELEASE = "veil-core"
 NAMESPACE = "veil"
 PROMETHEUS_OPERATOR_API = "monitoring.coreos.com/v1"
+# One enrolled edge (a random X25519 public key), for values that enroll none themselves.
+TEST_EDGE = {"name": "test-edge", "publicKey": "x25519:KPtTTdG1L0HDLLjwTL9JU4UPAaH0651auZ0vomPgTTU"}
+TEST_ENROLLMENT = {"allowedEdges": [TEST_EDGE]}
 
 
 @dataclasses.dataclass
@@ -55,18 +62,28 @@ def load_values(path: Path) -> dict[str, Any]:
     return data
 
 
+def enrolled(values: dict[str, Any] | None) -> dict[str, Any]:
+    """`values` with TEST_ENROLLMENT where they enroll no edge themselves."""
+    values = dict(values or {})
+    values.setdefault("enrollment", TEST_ENROLLMENT)
+    return values
+
+
 def render(
     values: dict[str, Any] | None = None,
     *,
     api_versions: tuple[str, ...] = (),
     name: str = RELEASE,
     namespace: str = NAMESPACE,
+    enroll: bool = True,
 ) -> Rendered:
     """`helm template` with the chart's schema check, as `helm install` would do it.
 
     The SDK's Python wrapper does not expose --api-versions/--kube-version yet, so
     the options go straight to its C entry point (both are Helm render options).
     """
+    if enroll:
+        values = enrolled(values)
     opts = {
         "name": name,
         "namespace": namespace,
@@ -100,8 +117,10 @@ def validate_values(values: dict[str, Any] | None) -> None:
         chart.validate_schema(values)
 
 
-def lint(values: dict[str, Any] | None = None) -> dict[str, Any]:
+def lint(values: dict[str, Any] | None = None, *, enroll: bool = True) -> dict[str, Any]:
     """`helm lint --strict --kube-version 1.30`; returns the SDK's report."""
+    if enroll:
+        values = enrolled(values)
     return helm_python.lint(CHART_DIR, values, strict=True, namespace=NAMESPACE, kube_version=KUBE_VERSION)
 
 
@@ -126,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-f", "--values", type=Path, help="values file")
     parser.add_argument("--api-versions", action="append", default=[])
+    parser.add_argument("--no-test-edge", action="store_true", help="do not add TEST_ENROLLMENT")
     args = parser.parse_args(argv)
     values = load_values(args.values) if args.values else None
-    rendered = render(values, api_versions=tuple(args.api_versions))
+    rendered = render(values, api_versions=tuple(args.api_versions), enroll=not args.no_test_edge)
     print(yaml.safe_dump_all(rendered.objects, sort_keys=False), end="")
     print("---\n# NOTES.txt\n" + "\n".join(f"# {line}" for line in rendered.notes.splitlines()))
     return 0

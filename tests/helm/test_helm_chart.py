@@ -21,6 +21,15 @@ from tests.helm.helm_render import (
 )
 
 K8S = KUBE_VERSION.removeprefix("v")
+KEY = "x25519:" + "A" * 43
+KEY2 = "x25519:" + "B" * 43
+PEM = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VuBCIEI" + "E" * 43 + "\n-----END PRIVATE KEY-----\n"
+
+
+def edges(**fields: object) -> dict[str, Any]:
+    """Values enrolling one edge with `fields` (name "e" and KEY unless given)."""
+    return {"enrollment": {"allowedEdges": [{"name": "e", "publicKey": KEY, **fields}]}}
+
 
 # The Prometheus operator's CRD is not among the Kubernetes schemas; this is the
 # subset of monitoring.coreos.com/v1 ServiceMonitor that the chart writes.
@@ -140,6 +149,18 @@ def test_default_values_pass_the_schema() -> None:
         ({"locker": {"external": {"url": "redis://:pw@redis:6379"}}}, "/locker/external/url", "pattern"),
         ({"image": {"digest": "latest"}}, "/image/digest", "pattern"),
         ({"replicas": 2}, "replicas", "not allowed"),
+        (edges(name="-bad"), "/enrollment/allowedEdges/0/name", "pattern"),
+        (edges(name="a" * 64), "/enrollment/allowedEdges/0/name", "pattern"),
+        (edges(publicKey="x25519:short"), "/enrollment/allowedEdges/0/publicKey", "pattern"),
+        (edges(publicKey="SHA256:" + "A" * 43), "/enrollment/allowedEdges/0/publicKey", "pattern"),
+        (edges(maxSessions=0), "/enrollment/allowedEdges/0/maxSessions", "minimum"),
+        ({"enrollment": {"allowedEdges": [{"name": "e"}]}}, "/enrollment/allowedEdges/0", "publicKey"),
+        (edges(quota=3), "quota", "not allowed"),
+        ({"identity": {"previous": {"privateKey": "hello"}}}, "/identity/previous/privateKey", "pattern"),
+        ({"metrics": {"port": 70000}}, "/metrics/port", "maximum"),
+        ({"core": {"lockerAfterSeconds": 0}}, "/core/lockerAfterSeconds", "exclusiveMinimum"),
+        ({"locker": {"ttlSeconds": 0}}, "/locker/ttlSeconds", "minimum"),
+        ({"locker": {"maxSnapshotBytes": 0}}, "/locker/maxSnapshotBytes", "minimum"),
     ],
 )
 def test_schema_rejects_bad_values_with_a_clear_message(values: dict, where: str, why: str) -> None:
@@ -170,6 +191,26 @@ def test_negative_replicas_fail_install_render_and_lint() -> None:
             {"identity": {"existingSecret": "k", "privateKey": "-----BEGIN PRIVATE KEY-----\nx\n"}},
             "identity.existingSecret or identity.privateKey",
         ),
+        (
+            {"identity": {"previous": {"existingSecret": "k", "privateKey": "-----BEGIN PRIVATE KEY-----\nx\n"}}},
+            "identity.previous.existingSecret or identity.previous.privateKey",
+        ),
+        (
+            {"identity": {"privateKey": PEM, "previous": {"privateKey": PEM}}},
+            "identity.previous.privateKey is the current identity.privateKey",
+        ),
+        ({"identity": {"previous": {"existingSecret": "veil-core-identity"}}}, "same Secret and key as the current"),
+        ({"identity": {"previous": {"existingSecret": "old", "mountPath": "/etc/veil/identity"}}}, "must differ"),
+        ({"enrollment": {"allowedEdges": [{"name": "e", "publicKey": KEY}], "existingSecret": "s"}}, "not both"),
+        (
+            {"enrollment": {"allowedEdges": [{"name": "e", "publicKey": KEY}, {"name": "e", "publicKey": KEY2}]}},
+            'lists the name "e" twice',
+        ),
+        (
+            {"enrollment": {"allowedEdges": [{"name": "e", "publicKey": KEY}, {"name": "f", "publicKey": KEY}]}},
+            'lists the key of "f" twice',
+        ),
+        ({"metrics": {"port": 8001}}, r"metrics.port \(8001\) must differ from core.port"),
     ],
 )
 def test_cross_field_mistakes_fail_with_a_clear_message(values: dict, message: str) -> None:

@@ -7,7 +7,9 @@ import json
 import re
 from typing import Any
 
+import helm_python
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -19,20 +21,26 @@ from cryptography.hazmat.primitives.serialization import (
 from tests.helm.helm_render import (
     CHART_DIR,
     NAMESPACE,
+    TEST_EDGE,
     VARIANTS,
     Rendered,
     render,
     rendered_variant,
 )
 
-# What the core serves (core_server's contract): liveness, readiness, metrics.
+# What the core serves (core_server's contract): liveness and readiness on the API port,
+# metrics on their own port.
 HEALTHZ, READYZ, METRICS = "/healthz", "/readyz", "/metrics"
+METRICS_PORT = 9100
 CORE_ENV = {
     "VEIL_CORE_HOST", "VEIL_CORE_PORT", "VEIL_CORE_BUNDLE", "VEIL_CORE_DEVICE",
     "VEIL_CORE_MAX_SESSIONS", "VEIL_CORE_MAX_TOKENS_PER_SESSION", "VEIL_CORE_SESSION_IDLE_SECONDS",
     "VEIL_CORE_MAX_BATCH_TOKENS", "VEIL_CORE_MAX_RESULT_ROWS", "VEIL_CORE_MAX_QUEUED_STEPS",
     "VEIL_CORE_KV_BUDGET_BYTES", "VEIL_CORE_THREADS", "VEIL_LOG_LEVEL",
-    "VEIL_CORE_IDENTITY_KEY_FILE", "VEIL_LOCKER_REDIS_URL", "VEIL_LOCKER_REDIS_PASSWORD_FILE",
+    "VEIL_CORE_IDENTITY_KEY_FILE", "VEIL_CORE_PREVIOUS_IDENTITY_KEY_FILE", "VEIL_CORE_ALLOWED_EDGES",
+    "VEIL_CORE_METRICS_HOST", "VEIL_CORE_METRICS_PORT", "VEIL_CORE_LOCKER_AFTER_SECONDS",
+    "VEIL_LOCKER_REDIS_URL", "VEIL_LOCKER_REDIS_PASSWORD_FILE", "VEIL_LOCKER_TTL_SECONDS",
+    "VEIL_LOCKER_MAX_SNAPSHOT_BYTES",
 }  # fmt: skip
 CORE_METRICS = {
     "veil_core_queued_steps", "veil_core_active_sessions", "veil_core_step_seconds",
@@ -71,9 +79,10 @@ def secret_values(rendered: Rendered) -> list[str]:
 
 def test_probes_point_at_the_cores_endpoints_on_its_port(rendered: Rendered) -> None:
     container = core_container(rendered)
-    (port,) = container["ports"]
+    port, metrics = container["ports"]
     assert port["name"] == "http"
     assert str(port["containerPort"]) == core_settings(rendered)["VEIL_CORE_PORT"]
+    assert metrics["name"] == "metrics" and metrics["containerPort"] == METRICS_PORT
     probes = {
         "startupProbe": READYZ,  # held until the bundle is loaded
         "readinessProbe": READYZ,
@@ -143,7 +152,14 @@ def test_network_policy_admits_only_configured_sources(variant: str, rendered: R
     assert policy["ingress"], "the default sources should be rendered"
     for rule in policy["ingress"]:
         assert rule["from"], "a rule without 'from' admits every source"
-        assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    # callers reach the API port only, scrapers the metrics port only
+    sources = VARIANTS[variant].get("networkPolicy", {}).get("ingress", {})
+    expected = [({"port": "http", "protocol": "TCP"}, sources.get("from", "default"))]
+    if sources.get("metricsFrom"):
+        expected.append(({"port": "metrics", "protocol": "TCP"}, sources["metricsFrom"]))
+    assert [r["ports"] for r in policy["ingress"]] == [[port] for port, _ in expected]
+    for rule, (_, peers) in zip(policy["ingress"], expected):
+        assert peers == "default" or rule["from"] == peers
     egress = policy["egress"]
     dns = [r for r in egress if {p["port"] for p in r["ports"]} == {53}]
     assert len(dns) == 1 and all(r.get("to") for r in egress)
@@ -178,7 +194,7 @@ def test_no_secret_value_lands_in_a_config_map(variant: str, rendered: Rendered)
 def test_generated_identity_key_is_a_fresh_x25519_pem_in_a_kept_secret() -> None:
     keys = []
     for _ in range(2):
-        secret = render().one("Secret")
+        secret = render().one("Secret", "veil-core-identity")
         assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
         pem = base64.b64decode(secret["data"]["identity.key"])
         key = load_pem_private_key(pem, password=None)
@@ -191,7 +207,7 @@ def test_supplied_or_existing_identity_key_is_used() -> None:
     pem = (
         X25519PrivateKey.generate().private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
     )
-    secret = render({"identity": {"privateKey": pem}}).one("Secret")
+    secret = render({"identity": {"privateKey": pem}}).one("Secret", "veil-core-identity")
     assert base64.b64decode(secret["data"]["identity.key"]).decode() == pem
     rendered = rendered_variant("locker")  # identity.existingSecret: veil-core-identity
     assert not [s for s in rendered.all("Secret") if s["metadata"]["name"].endswith("-identity")]
@@ -203,11 +219,22 @@ def test_service_monitor_only_when_the_operator_api_exists(variant: str) -> None
     with_operator = rendered_variant(variant, operator=True)
     monitor = with_operator.one("ServiceMonitor")
     (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["port"] == "http" and endpoint["path"] == METRICS
-    service = with_operator.one("Service", core_deployment(with_operator)["metadata"]["name"])
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert endpoint["port"] == "metrics" and endpoint["path"] == METRICS
+    name = core_deployment(with_operator)["metadata"]["name"]
+    # it scrapes the headless metrics Service, never the API Service (which may be a LoadBalancer)
+    selector = monitor["spec"]["selector"]["matchLabels"].items()
+    metrics_service = with_operator.one("Service", f"{name}-metrics")
+    assert selector <= metrics_service["metadata"]["labels"].items()
+    assert not selector <= with_operator.one("Service", name)["metadata"]["labels"].items()
+    assert metrics_service["spec"]["clusterIP"] == "None"
+    pod_labels = core_deployment(with_operator)["spec"]["template"]["metadata"]["labels"]
+    assert metrics_service["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = metrics_service["spec"]["ports"]
+    assert (port["name"], port["port"], port["targetPort"]) == ("metrics", METRICS_PORT, "metrics")
+    assert f"/metrics on port {METRICS_PORT}" in with_operator.notes
     without = rendered_variant(variant, operator=False)
     assert "ServiceMonitor" not in without.kinds()
+    assert not [s for s in without.all("Service") if s["metadata"]["name"].endswith("-metrics")]
     assert "no ServiceMonitor was created" in without.notes
 
 
@@ -301,3 +328,146 @@ def test_large_numbers_render_as_plain_integers(bad: str) -> None:
     settings = core_settings(render({"core": {"maxBatchTokens": 67108864, "maxSessions": 1000000}}))
     assert settings["VEIL_CORE_MAX_BATCH_TOKENS"] == "67108864"
     assert bad not in json.dumps(settings)
+
+
+def volume_of(rendered: Rendered, mount_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(volumeMount, volume) of the core container at `mount_dir`."""
+    mounts = {m["mountPath"]: m for m in core_container(rendered)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(core_deployment(rendered))["volumes"]}
+    mount = mounts[mount_dir]
+    return mount, volumes[mount["name"]]
+
+
+def test_enrolled_edges_are_a_mounted_secret_the_core_reads() -> None:
+    rendered = rendered_variant("gpu")
+    path = core_settings(rendered)["VEIL_CORE_ALLOWED_EDGES"]
+    assert path == "/etc/veil/enrollment/allowed_edges.yaml"
+    directory, file = path.rsplit("/", 1)
+    mount, volume = volume_of(rendered, directory)
+    assert mount["readOnly"] is True
+    assert volume["secret"]["secretName"] == "veil-core-enrollment"
+    assert volume["secret"]["items"] == [{"key": file, "path": file}]
+    assert volume["secret"]["defaultMode"] == 0o440
+    secret = rendered.one("Secret", "veil-core-enrollment")
+    assert "annotations" not in secret["metadata"]  # not kept: it is rendered from values on every upgrade
+    listed = yaml.safe_load(base64.b64decode(secret["data"][file]))
+    assert listed == {
+        "edges": [
+            {"name": "alice-laptop", "public_key": "x25519:pluMgJLj214xAg4AiAsZhWD1-MR8jokyluSJIg06-lU", "max_sessions": 16},
+            {"name": "edge-gateway.prod", "public_key": "x25519:wuWDhqvRifHr3XyHTpTlFl85fpolHNad5KtjWP4Nr9g"},
+        ]
+    }
+    assert "alice-laptop, edge-gateway.prod" in rendered.notes
+
+
+def test_enrolled_edges_from_an_existing_secret() -> None:
+    rendered = rendered_variant("locker")  # enrollment.existingSecret: veil-core-allowed-edges
+    assert not [s for s in rendered.all("Secret") if s["metadata"]["name"] == "veil-core-enrollment"]
+    _, volume = volume_of(rendered, "/etc/veil/enrollment")
+    assert volume["secret"]["secretName"] == "veil-core-allowed-edges"
+    assert core_settings(rendered)["VEIL_CORE_ALLOWED_EDGES"] == "/etc/veil/enrollment/allowed_edges.yaml"
+    assert "rollout restart" in rendered.notes
+    custom = render({"enrollment": {"existingSecret": "edges", "secretKey": "edges.yaml", "mountPath": "/etc/edges"}})
+    assert core_settings(custom)["VEIL_CORE_ALLOWED_EDGES"] == "/etc/edges/edges.yaml"
+    _, volume = volume_of(custom, "/etc/edges")
+    assert volume["secret"] == {
+        "secretName": "edges",
+        "defaultMode": 0o440,
+        "items": [{"key": "edges.yaml", "path": "edges.yaml"}],
+    }
+
+
+@pytest.mark.parametrize("values", [None, {"enrollment": {"allowedEdges": []}}], ids=["values.yaml", "empty-list"])
+def test_a_core_that_admits_no_edge_fails_to_render(values: dict | None) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match="no edge is enrolled, so this core would admit nobody"):
+        render(values, enroll=False)
+    # (`helm lint` only logs a template's `fail`; install, upgrade and template stop on it)
+
+
+OTHER_KEY = "x25519:" + base64.urlsafe_b64encode(b"\x07" * 32).rstrip(b"=").decode()
+
+
+def test_changing_the_edges_or_the_keys_rolls_the_pods() -> None:
+    def annotations(values: dict) -> dict[str, str]:
+        return core_deployment(render(values))["spec"]["template"]["metadata"]["annotations"]
+
+    base = annotations({})
+    more = annotations({"enrollment": {"allowedEdges": [TEST_EDGE, {**TEST_EDGE, "name": "other", "publicKey": OTHER_KEY}]}})
+    assert more["checksum/enrollment"] != base["checksum/enrollment"]
+    rotated = annotations({"identity": {"previous": {"existingSecret": "old-key"}}})
+    assert rotated["checksum/identity"] != base["checksum/identity"]
+    # a generated key is not in it: every `helm template` would roll the pods otherwise
+    assert annotations({})["checksum/identity"] == base["checksum/identity"]
+
+
+def test_previous_identity_is_wired_only_during_a_rotation() -> None:
+    plain = rendered_variant("default")
+    assert "VEIL_CORE_PREVIOUS_IDENTITY_KEY_FILE" not in core_settings(plain)
+    assert "previous-identity" not in {v["name"] for v in pod_spec(core_deployment(plain))["volumes"]}
+    assert "Key rotation in progress" not in plain.notes
+    # from its own Secret (ci/autoscaling-values.yaml)
+    rotating = rendered_variant("autoscaling")
+    path = core_settings(rotating)["VEIL_CORE_PREVIOUS_IDENTITY_KEY_FILE"]
+    assert path == "/etc/veil/previous-identity/identity.key"
+    mount, volume = volume_of(rotating, "/etc/veil/previous-identity")
+    assert mount["readOnly"] is True and volume["secret"]["secretName"] == "veil-core-identity-2024"
+    assert not [s for s in rotating.all("Secret") if "previous" in s["metadata"]["name"]]
+    assert "Key rotation in progress" in rotating.notes
+    # from a PEM given in the values: a chart-managed Secret, not kept on uninstall
+    pem = X25519PrivateKey.generate().private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
+    supplied = render({"identity": {"previous": {"privateKey": pem}}})
+    secret = supplied.one("Secret", "veil-core-previous-identity")
+    assert base64.b64decode(secret["data"]["identity.key"]).decode() == pem
+    assert "annotations" not in secret["metadata"]
+    _, volume = volume_of(supplied, "/etc/veil/previous-identity")
+    assert volume["secret"]["secretName"] == "veil-core-previous-identity"
+    assert core_settings(supplied)["VEIL_CORE_IDENTITY_KEY_FILE"] == "/etc/veil/identity/identity.key"
+
+
+def test_services_balance_per_connection_without_affinity(variant: str, rendered: Rendered) -> None:
+    for service in rendered.all("Service"):
+        if service["metadata"]["name"].startswith("veil-core-locker"):
+            continue
+        assert service["spec"]["sessionAffinity"] == "None", service["metadata"]["name"]
+    api = rendered.one("Service", core_deployment(rendered)["metadata"]["name"])
+    assert [p["name"] for p in api["spec"]["ports"]] == ["http"]  # /metrics is never on the API Service
+
+
+def test_several_replicas_need_no_affinity_and_get_time_to_drain() -> None:
+    rendered = render({"replicaCount": 3, "locker": {"enabled": True}})
+    deployment = core_deployment(rendered)
+    assert deployment["spec"]["replicas"] == 3
+    assert "affinity" not in pod_spec(deployment)
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] >= 60
+    assert "no session affinity is needed" in rendered.notes
+    assert "WARNING: terminationGracePeriodSeconds" not in rendered.notes
+    short = render({"locker": {"enabled": True}, "terminationGracePeriodSeconds": 10})
+    assert "WARNING: terminationGracePeriodSeconds=10" in short.notes
+    assert "No locker" in render({"replicaCount": 2}).notes
+
+
+def test_locker_knobs_reach_the_core(variant: str, rendered: Rendered) -> None:
+    settings = core_settings(rendered)
+    values = VARIANTS[variant]
+    assert settings["VEIL_CORE_LOCKER_AFTER_SECONDS"] == str(values.get("core", {}).get("lockerAfterSeconds", 30))
+    if variant == "locker":
+        assert settings["VEIL_LOCKER_TTL_SECONDS"] == "1800"
+        assert settings["VEIL_LOCKER_MAX_SNAPSHOT_BYTES"] == "268435456"
+    else:
+        assert "VEIL_LOCKER_TTL_SECONDS" not in settings and "VEIL_LOCKER_REDIS_URL" not in settings
+    defaults = core_settings(render({"locker": {"enabled": True}}))
+    assert (defaults["VEIL_LOCKER_TTL_SECONDS"], defaults["VEIL_LOCKER_MAX_SNAPSHOT_BYTES"]) == ("3600", "536870912")
+
+
+def test_metrics_have_their_own_port_everywhere(variant: str, rendered: Rendered) -> None:
+    settings = core_settings(rendered)
+    assert (settings["VEIL_CORE_METRICS_HOST"], settings["VEIL_CORE_METRICS_PORT"]) == ("0.0.0.0", str(METRICS_PORT))
+    annotations = core_deployment(rendered)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+    assert f"port-forward deployment/veil-core {METRICS_PORT}:{METRICS_PORT}" in rendered.notes
+    assert f"127.0.0.1:{METRICS_PORT}/metrics" in rendered.notes
+    assert f"127.0.0.1:{settings['VEIL_CORE_PORT']}/metrics" not in rendered.notes
+    moved = render({"metrics": {"port": 9400}}, api_versions=("monitoring.coreos.com/v1",))
+    assert core_settings(moved)["VEIL_CORE_METRICS_PORT"] == "9400"
+    assert {p["name"]: p["containerPort"] for p in core_container(moved)["ports"]}["metrics"] == 9400
+    assert moved.one("Service", "veil-core-metrics")["spec"]["ports"][0]["port"] == 9400

@@ -82,6 +82,49 @@ app.kubernetes.io/part-of: veil
 {{- .Values.identity.existingSecret | default (printf "%s-identity" (include "veil-core.fullname" .)) }}
 {{- end }}
 
+{{/* The old key during a rotation: on only when identity.previous names one. */}}
+{{- define "veil-core.identity.previous.active" -}}
+{{- if or .Values.identity.previous.existingSecret .Values.identity.previous.privateKey }}true{{ end }}
+{{- end }}
+
+{{- define "veil-core.identity.previous.secretName" -}}
+{{- .Values.identity.previous.existingSecret | default (printf "%s-previous-identity" (include "veil-core.fullname" .)) }}
+{{- end }}
+
+{{/*
+What makes the core re-read its keys and its edges: both are read at start-up only,
+so a change rolls the pods. Values only (never a generated key, which differs in
+every `helm template`); the private keys enter as their SHA-256.
+*/}}
+{{- define "veil-core.identity.checksum" -}}
+{{- $i := .Values.identity }}
+{{- $p := $i.previous }}
+{{- list $i.existingSecret $i.secretKey (sha256sum $i.privateKey) $p.existingSecret $p.secretKey (sha256sum $p.privateKey) | toJson | sha256sum }}
+{{- end }}
+
+{{/* Enrolled edges: the chart's Secret, or the user's. */}}
+{{- define "veil-core.enrollment.secretName" -}}
+{{- .Values.enrollment.existingSecret | default (printf "%s-enrollment" (include "veil-core.fullname" .)) }}
+{{- end }}
+
+{{/* enrollment.allowedEdges as the core's allowed-edges file (core_server/enrollment.py). */}}
+{{- define "veil-core.enrollment.file" -}}
+{{- $edges := list }}
+{{- range .Values.enrollment.allowedEdges }}
+{{- $edge := dict "name" .name "public_key" (trim .publicKey) }}
+{{- if not (kindIs "invalid" .maxSessions) }}
+{{- $_ := set $edge "max_sessions" (int64 .maxSessions) }}
+{{- end }}
+{{- $edges = append $edges $edge }}
+{{- end }}
+{{- dict "edges" $edges | toYaml }}
+{{- end }}
+
+{{/* Whether the ServiceMonitor (and the metrics Service it scrapes) is rendered. */}}
+{{- define "veil-core.serviceMonitor.active" -}}
+{{- if and .Values.metrics.serviceMonitor.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") }}true{{ end }}
+{{- end }}
+
 {{- define "veil-core.bundle.claimName" -}}
 {{- .Values.bundle.pvc.claimName | default (printf "%s-bundle" (include "veil-core.fullname" .)) }}
 {{- end }}

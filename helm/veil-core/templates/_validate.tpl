@@ -16,6 +16,48 @@
 {{- if and $v.identity.existingSecret $v.identity.privateKey }}
 {{- fail "set either identity.existingSecret or identity.privateKey, not both" }}
 {{- end }}
+{{- $prev := $v.identity.previous }}
+{{- if and $prev.existingSecret $prev.privateKey }}
+{{- fail "set either identity.previous.existingSecret or identity.previous.privateKey, not both" }}
+{{- end }}
+{{- if and $prev.privateKey (eq (trim $prev.privateKey) (trim $v.identity.privateKey)) }}
+{{- fail "identity.previous.privateKey is the current identity.privateKey: the previous key is the one being rotated out" }}
+{{- end }}
+{{- if and $prev.existingSecret (eq $prev.existingSecret (include "veil-core.identity.secretName" .)) (eq $prev.secretKey $v.identity.secretKey) }}
+{{- fail "identity.previous names the same Secret and key as the current identity: the previous key is the one being rotated out" }}
+{{- end }}
+{{- $paths := list $v.identity.mountPath $v.enrollment.mountPath }}
+{{- if include "veil-core.identity.previous.active" . }}
+{{- $paths = append $paths $prev.mountPath }}
+{{- end }}
+{{- if include "veil-core.locker.active" . }}
+{{- $paths = append $paths $v.locker.mountPath }}
+{{- end }}
+{{- if ne (len $paths) (len (uniq $paths)) }}
+{{- fail (printf "identity.mountPath, identity.previous.mountPath, enrollment.mountPath and locker.mountPath must differ (got %s)" (join ", " $paths)) }}
+{{- end }}
+{{- $e := $v.enrollment }}
+{{- if and $e.existingSecret $e.allowedEdges }}
+{{- fail "set either enrollment.allowedEdges or enrollment.existingSecret, not both" }}
+{{- end }}
+{{- if not (or $e.existingSecret $e.allowedEdges) }}
+{{- fail "no edge is enrolled, so this core would admit nobody: list each edge in enrollment.allowedEdges ({name, publicKey} with the key `veil edge identity` prints on the edge machine), or set enrollment.existingSecret to a Secret holding an allowed_edges.yaml file" }}
+{{- end }}
+{{- $names := list }}
+{{- $keys := list }}
+{{- range $e.allowedEdges }}
+{{- if has .name $names }}
+{{- fail (printf "enrollment.allowedEdges lists the name %q twice" .name) }}
+{{- end }}
+{{- if has (trim .publicKey) $keys }}
+{{- fail (printf "enrollment.allowedEdges lists the key of %q twice (every edge needs its own key)" .name) }}
+{{- end }}
+{{- $names = append $names .name }}
+{{- $keys = append $keys (trim .publicKey) }}
+{{- end }}
+{{- if eq (int64 $v.metrics.port) (int64 $v.core.port) }}
+{{- fail (printf "metrics.port (%d) must differ from core.port: /metrics is served on its own port" (int64 $v.metrics.port)) }}
+{{- end }}
 {{- if and (not $v.gpu.enabled) (eq $v.core.device "cuda") }}
 {{- fail "core.device is \"cuda\" but gpu.enabled is false: set core.device to cpu or auto" }}
 {{- end }}
