@@ -38,7 +38,14 @@ from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from veil.errors import AuthenticationFailed, Conflict, CoreIdentityMismatch, CoreProtocolError, InvalidRequest
+from veil.errors import (
+    AuthenticationFailed,
+    CoreIdentityMismatch,
+    CoreProtocolError,
+    FrameOutOfOrder,
+    FrameRejected,
+    InvalidRequest,
+)
 from veil.identity import CoreIdentity, raw_public
 
 PROTOCOL = b"veil/1"
@@ -79,19 +86,6 @@ def _session_keys(k: bytes, ss: bytes, ee: bytes, transcript: bytes) -> tuple[by
 
 def _transcript(fields: bytes, core_eph: bytes) -> bytes:
     return hashlib.sha256(PROTOCOL + fields + core_eph).digest()
-
-
-class FrameRejected(AuthenticationFailed):
-    """A frame that does not open under the session's keys: tampered, truncated, misdirected or forged."""
-
-    def __init__(self) -> None:
-        super().__init__("the frame does not open under this session's keys", code="frame_rejected")
-
-
-class FrameOutOfOrder(Conflict):
-    def __init__(self, got: int, expected: int) -> None:
-        super().__init__(f"frame {got} is not the next one ({expected}): replayed or reordered",
-                         code="frame_out_of_order")
 
 
 class Channel:
@@ -139,7 +133,7 @@ class Channel:
 
     def accept(self, seq: int) -> None:
         if seq != self.received:
-            raise FrameOutOfOrder(seq, self.received)
+            raise FrameOutOfOrder(f"frame {seq} is not the next one ({self.received}): replayed or reordered")
         self.received = seq + 1
 
     def open(self, op: str, frame: bytes, seq: int | None = None) -> bytes:
@@ -148,7 +142,7 @@ class Channel:
         if seq is None:
             self.accept(got)
         elif got != seq:
-            raise FrameOutOfOrder(got, seq)
+            raise FrameOutOfOrder(f"the answer carries frame {got}, not {seq}")
         return plain
 
 

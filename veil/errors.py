@@ -87,6 +87,15 @@ class AuthenticationFailed(VeilError):
     code = "invalid_api_key"
 
 
+class FrameRejected(AuthenticationFailed):
+    """A sealed frame that does not open under its session's keys: tampered, truncated, misdirected or forged."""
+
+    code = "frame_rejected"
+
+    def __init__(self, message: str = "the frame does not open under this session's keys"):
+        super().__init__(message)
+
+
 class PermissionDenied(VeilError):
     """Raised when a valid credential lacks the scope a route needs."""
 
@@ -109,6 +118,15 @@ class Conflict(VeilError):
     status_code = 409
     error_type = "invalid_request_error"
     code = "offset_mismatch"
+
+
+class FrameOutOfOrder(Conflict):
+    """A sealed frame that opens but is not the next one: replayed or reordered; the session is unchanged."""
+
+    code = "frame_out_of_order"
+
+    def __init__(self, message: str = "the frame is not the next one: replayed or reordered"):
+        super().__init__(message)
 
 
 class PayloadTooLarge(VeilError):

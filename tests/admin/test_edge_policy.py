@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from veil_cli.enroll import enroll_locally
 from veil_cli.processes import Server, base_env, free_port
 
 pytestmark = pytest.mark.slow
@@ -29,12 +30,13 @@ def cluster(tiny_bundles, key_file: Path, tmp_path_factory: pytest.TempPathFacto
     _, edge_bundle, core_bundle = tiny_bundles["llama"]
     tmp = tmp_path_factory.mktemp("policy-cluster")
     core_port = free_port()
-    core = Server("core", base_env(tmp, VEIL_CORE_PORT=str(core_port), VEIL_CORE_BUNDLE=str(core_bundle)),
+    wiring = enroll_locally(tmp / "core.key", tmp / "edge.key", tmp / "allowed_edges.yaml", 16)  # both replicas: one edge
+    core = Server("core", base_env(tmp, VEIL_CORE_PORT=str(core_port), VEIL_CORE_BUNDLE=str(core_bundle), **wiring),
                   core_port, tmp / "core.log").wait_ready()
     shared = dict(VEIL_AUTH_ENABLED="true", VEIL_POLICY_PASSPHRASE=PASSPHRASE,
                   VEIL_POLICY_STORE=str(tmp / "policy.store"), VEIL_POLICY_AUDIT_LOG=str(tmp / "audit.log"),
                   VEIL_ADMIN_KEY=ADMIN_KEY, VEIL_REDIS_URL=REDIS_URL, VEIL_BUNDLE_EDGE_DIR=str(edge_bundle),
-                  VEIL_BUNDLE_KEY_FILE=str(key_file), VEIL_MODEL_NAME=MODEL, VEIL_EDGE_CORE_URL=core.url)
+                  VEIL_BUNDLE_KEY_FILE=str(key_file), VEIL_MODEL_NAME=MODEL, VEIL_EDGE_CORE_URL=core.url, **wiring)
     edges = []
     try:
         for i in range(2):

@@ -184,7 +184,7 @@ def test_core_unreachable_is_503(smol_bundles, key_file, tmp_path) -> None:
     port = free_port()
     env = base_env(tmp_path, VEIL_EDGE_PORT=str(port), VEIL_EDGE_CORE_URL=f"http://127.0.0.1:{free_port()}",
                    VEIL_BUNDLE_EDGE_DIR=str(smol_bundles[0]), VEIL_BUNDLE_KEY_FILE=str(key_file),
-                   VEIL_MODEL_NAME=SMOL_NAME)
+                   VEIL_MODEL_NAME=SMOL_NAME, VEIL_EDGE_CORE_PUBLIC_KEY="SHA256:" + "A" * 43)
     edge = Server("edge", env, port, tmp_path / "edge.log")
     try:
         deadline = time.monotonic() + 120

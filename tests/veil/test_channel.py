@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from core_server.replays import ReplayGuard
 from veil import channel as ch
-from veil.channel import CoreKeys, EdgeHello, FrameOutOfOrder, FrameRejected, open_hello
-from veil.errors import AuthenticationFailed, CoreIdentityMismatch
+from veil.channel import CoreKeys, EdgeHello, open_hello
+from veil.errors import AuthenticationFailed, CoreIdentityMismatch, FrameOutOfOrder, FrameRejected
 from veil.identity import CoreIdentity, raw_public
 
 SID, BUNDLE = "5e55" * 8, "b" * 32
