@@ -34,6 +34,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     if settings.edge.core_public_key:  # the user pinned a key themselves: keep it
         del wiring["VEIL_EDGE_CORE_PUBLIC_KEY"]
     env.update(wiring)
+    core_host = "127.0.0.1" if settings.core.host in ("0.0.0.0", "::") else settings.core.host
+    env["VEIL_EDGE_CORE_URL"] = f"http://{core_host}:{settings.core.port}"  # the core this command starts
     env.setdefault("HF_HUB_OFFLINE", "1")
     servers: list[Server] = []
     try:
