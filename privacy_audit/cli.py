@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from privacy_audit.runner import FULL, FULL_PROMPTS, QUICK, QUICK_PROMPTS, AuditConfig, Setting
+from privacy_audit.runner import FULL, FULL_PROMPTS, QUICK, QUICK_PROMPTS, QUICK_WIRE_CURVE, WIRE_CURVE, AuditConfig, Setting
 from veil.settings import Settings
 
 DEFAULT_BUDGET = 30.0
@@ -37,7 +37,8 @@ def _settings_list(text: str) -> list[Setting]:
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("audit-privacy", help="attack the defenses as the core operator would; write table and plot")
+    p = sub.add_parser("audit-privacy",
+                       help="attack the defenses as the core operator and a wire observer would; write table and plot")
     p.set_defaults(run=run)
     p.add_argument("--out", required=True, help="folder for results.md, results.json and frontier.png")
     p.add_argument("--quick", action="store_true",
@@ -50,6 +51,10 @@ def add_parser(sub: Any) -> None:
                    help=f"operator text generation for attack D's inverter (default {DEFAULT_BUDGET:g}, "
                         f"--quick {QUICK_BUDGET:g})")
     p.add_argument("--seed", type=int, default=0, help="noise draws, sampling and bootstrap (default 0)")
+    p.add_argument("--insecure-transport", action="store_true",
+                   help="for comparison only: also attack the unsealed step frames (the wire before sealing) "
+                        "with the strongest wire observer (norm match, and the chat template's known plaintext "
+                        "across requests); the sealed wire is always measured")
     p.add_argument("--checkpoint", default=None,
                    help="public base checkpoint (default: model.checkpoint from the config, else the bundled model)")
 
@@ -62,6 +67,8 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         prompts=(args.prompts or None) if args.prompts is not None else (QUICK_PROMPTS if quick else FULL_PROMPTS),
         budget=args.budget if args.budget is not None else (QUICK_BUDGET if quick else DEFAULT_BUDGET),
         seed=args.seed,
+        insecure_transport=bool(getattr(args, "insecure_transport", False)),
+        wire_curve=QUICK_WIRE_CURVE if quick else WIRE_CURVE,
     )
 
 

@@ -105,10 +105,33 @@ class Knowledge:
     @cached_property
     def noise_means(self) -> torch.Tensor:
         """[V, d] the centre of the noise for each token: its embedding, clipped as the policy clips."""
-        e = self.public.embed
-        if self.noise.clip is None:
-            return e
-        return e * torch.clamp(self.noise.clip / e.norm(dim=-1, keepdim=True), max=1.0)
+        return clipped_embeddings(self.public, self.noise)
+
+
+@dataclasses.dataclass
+class WireKnowledge:
+    """An on-path observer's view of one deployment: the public model and the deployment's public policy
+    (noise ρ and clip, edge-held layers k), and whatever it records on the wire. No core bundle, no Q."""
+
+    public: PublicModel
+    noise: NoiseSpec
+    edge_layers: int
+
+    @property
+    def sigma(self) -> float:
+        return self.noise.rho * self.public.embedding_rms
+
+    @cached_property
+    def noise_means(self) -> torch.Tensor:
+        return clipped_embeddings(self.public, self.noise)
+
+
+def clipped_embeddings(public: PublicModel, noise: NoiseSpec) -> torch.Tensor:
+    """[V, d] each token's embedding, clipped to the policy's L2 bound (the centre of its noise)."""
+    e = public.embed
+    if noise.clip is None:
+        return e
+    return e * torch.clamp(noise.clip / e.norm(dim=-1, keepdim=True), max=1.0)
 
 
 def nearest_l2(queries: torch.Tensor, table: torch.Tensor, k: int = 1,

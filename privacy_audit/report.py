@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 ATTACKS = [("A_lookup", "A lookup"), ("B_l2", "B L2"), ("B_cosine", "B cos"), ("C_lm_prior", "C LM prior"),
-           ("D_layer_match", "D match"), ("D_inverter", "D inverter"), ("F_norm", "F norm (wire)")]
+           ("D_layer_match", "D match"), ("D_inverter", "D inverter")]
+WIRE_ATTACKS = [("F_norm", "F norm"), ("T_template", "T template")]
 
 
 def _pct(e: dict[str, Any] | None) -> str:
@@ -49,16 +50,16 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "## Best attack, replies, utility and cost",
         "",
-        "| setting | best attack | exact prompt % | canaries % | E: reply read back % | F: reply from norms % | "
+        "| setting | best attack | exact prompt % | canaries % | E: reply read back % | "
         "top-1 agreement % | greedy exact@32 % | log-lik gap (nats/token) | edge ms/token |",
-        "|---" * 10 + "|",
+        "|---" * 9 + "|",
     ]
     for r in rows:
         best = r["attacks"][r["best_attack"]]
         u = r["utility"]
         label = dict(ATTACKS)[r["best_attack"]]
         lines.append(f"| {r['setting']['name']} | {label} | {_pct(best['exact_prompt'])} | {_pct(best['canary'])} | "
-                     f"{_pct(r['reply']['E_readback'])} | {_pct(r['reply'].get('F_norm'))} | "
+                     f"{_pct(r['reply']['E_readback'])} | "
                      f"{_pct(u['top1_agreement'])} | {_pct(u['greedy_exact'])} | "
                      f"{_num(u['loglik_gap'])} | {r['latency']['decode_ms_per_token']:.2f} |")
     lines += [
@@ -67,16 +68,100 @@ def markdown(doc: dict[str, Any]) -> str:
         f"largest distance between two embeddings ({doc['max_embedding_distance']:.3f}) or 2·clip when clipped; "
         "∞ means no noise. Edge-held layers are post-processing and leave ε unchanged. Q̂ error is "
         "‖Q̂ − Q‖/‖Q‖ of the Procrustes estimate. Edge ms/token is the time in OutgoingStates per "
-        "generated token (embedding, noise, edge-held blocks). Attacks A-E are the core operator's; F is a "
-        "wire observer's (step payloads and the public model only, no core bundle): it matches each vector's "
-        "norm, which the rotation preserves, and reads the reply from the generated tokens fed back.",
+        "generated token (embedding, noise, edge-held blocks). Attacks A-E are the core operator's: sealing "
+        "does not change them, since the core decrypts what it computes on.",
         "",
     ]
+    lines += wire_markdown(doc)
     if "span_protection" in doc:
         from privacy_audit.span_audit import span_markdown
 
         lines.append(span_markdown(doc["span_protection"]))
     return "\n".join(lines)
+
+
+def _count(n: int, of: int) -> str:
+    return f"{n}/{of}"
+
+
+def wire_markdown(doc: dict[str, Any]) -> list[str]:
+    """The wire observers' tables: sealed (always), unsealed (--insecure-transport, for comparison only)."""
+    rows = [r for r in doc["results"] if "wire" in r]
+    if not rows:
+        return []
+    insecure = any("insecure" in r["wire"] for r in rows)
+    lines = [
+        "## Wire observer, no keys: prompt-token recovery (%)",
+        "",
+        "An on-path observer (a TLS-terminating ingress, a packet capture) with the public model and "
+        "the deployment's public policy, without the core bundle or Q. **sealed** is what Veil sends: "
+        "the exact bytes of each session (HPKE hello, AES-256-GCM step frames) built with `veil.channel` from "
+        "the traced plaintext frames. **unsealed** (`--insecure-transport`) is for comparison only: the "
+        "plaintext `veil.wire` frames."
+        + ("" if insecure else " This run did not measure it."),
+        "",
+    ]
+    head = ["setting", "sealed: row bytes found", "sealed: F norm", "sealed: T template",
+            "sealed: prompt length from frame size", "blind guess ceiling"]
+    if insecure:
+        head += ["unsealed: F norm", "unsealed: T template", "unsealed: T canaries", "unsealed: T exact prompt",
+                 "unsealed: T reply", "unsealed: F reply", "Q̂ rank"]
+    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        w = r["wire"]
+        sealed = w["sealed"]
+        b, m = sealed["bytes"], sealed["metadata"]
+        cells = [r["setting"]["name"], _count(b["windows_found"], b["windows"]),
+                 _pct(sealed["attacks"].get("F_norm", {}).get("token_recovery")),
+                 _pct(sealed["attacks"]["T_template"]["token_recovery"]),
+                 _count(m["prompt_length_exact"], m["requests"]), _pct(w["chance"])]
+        if insecure:
+            u = w.get("insecure")
+            if u is None:
+                cells += ["—"] * 7
+            else:
+                t = u["attacks"]["T_template"]
+                cells += [_pct(u["attacks"].get("F_norm", {}).get("token_recovery")), _pct(t["token_recovery"]),
+                          _pct(t["canary"]), _pct(t["exact_prompt"]), _pct(u["reply"]["T_template"]),
+                          _pct(u["reply"].get("F_norm")), f"{u['rank']}/{doc.get('hidden_size', 576)}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    first = rows[0]["wire"]["sealed"]
+    m = first["metadata"]
+    lines += [
+        "",
+        "Row bytes found: 8-byte windows of every rotated input row and returned hidden row, searched for at "
+        "every byte offset of the whole sealed recording (found/searched). F on the sealed stream reads the "
+        "ciphertext as f32 rows; T runs its whole bootstrap on those rows. The blind guess ceiling is the most "
+        "common content token guessed everywhere. What the sealed stream still shows: the number of frames "
+        f"(one per generated token, so the reply length: {m['reply_length_exact']}/{m['requests']} exact) "
+        f"and their sizes: the first frame's size gives the prompt length exactly "
+        f"({m['prompt_length_exact']}/{m['requests']}; its header is {m['first_frame_header_bytes'][0]}-"
+        f"{m['first_frame_header_bytes'][1]} bytes, under one {m['row_bytes']}-byte row), every later frame is "
+        f"{', '.join(map(str, m['decode_frame_bytes']))} bytes and every answer "
+        f"{', '.join(map(str, m['answer_frame_bytes']))}; hellos are {', '.join(map(str, m['hello_bytes']))} "
+        f"bytes. Timing (when each frame goes) shows the pace of generation; it is not measured here. "
+        f"Byte entropy of the sealed step frames: {first['entropy_bits_per_byte']:.3f} bits/byte.",
+        "",
+    ]
+    curves = [(r["setting"]["name"], r["wire"]["insecure"]["curve"]) for r in rows
+              if "insecure" in r["wire"] and r["wire"]["insecure"]["curve"]]
+    if curves:
+        ns = sorted({p["requests"] for _, c in curves for p in c})
+        lines += [
+            "### Unsealed: T template's token recovery (%) against requests seen under one Q",
+            "",
+            "Q̂ is learned (anchors and bootstrap) from the first N requests only, then every request of the "
+            "run is read with it; the last column is all of them. Q̂ rank in brackets.",
+            "",
+            "| setting | " + " | ".join(f"N = {n}" for n in ns) + " |",
+            "|---" * (1 + len(ns)) + "|",
+        ]
+        for name, c in curves:
+            by = {p["requests"]: p for p in c}
+            lines.append(f"| {name} | " + " | ".join(
+                f"{_pct(by[n]['token_recovery'])} ({by[n]['rank']})" if n in by else "—" for n in ns) + " |")
+        lines.append("")
+    return lines
 
 
 def frontier(doc: dict[str, Any], path: Path) -> None:

@@ -2,8 +2,9 @@
 
 Order: load the public checkpoint, encode the prompts, compute the unprotected reference
 replies; then per k a fresh `veil cloak --edge-layers k` into a temporary folder, and for
-each setting with that k: trace -> attacks A..E -> metrics. The true Q is read from the edge
-bundle only to score attack A's estimate; no attack sees it.
+each setting with that k: trace -> attacks A..E (the core operator) -> metrics, then the wire
+observers (attacks/wire.py): sealed always, unsealed with `insecure_transport` (for comparison
+only). The true Q is read from the edge bundle only to score attack A's estimate; no attack sees it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cloaking.secretbox import KeySource, create_key_file
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.outgoing import NoiseSpec
 from privacy_audit import metrics
-from privacy_audit.attacks import key_recovery, layer_match, lm_prior, nearest, norm_match, reply
+from privacy_audit.attacks import key_recovery, layer_match, lm_prior, nearest, reply, wire
 from privacy_audit.knowledge import Knowledge, PublicModel
 from privacy_audit.prompts import load_prompts
 from privacy_audit.trace import Encoded, Reference, encode, reference_replies, trace_setting
@@ -59,6 +60,8 @@ FULL = [Setting(), *(Setting(rho=r) for r in (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)),
 # --quick adds ρ=3, past the full grid, so that CI sees recovery itself fall (B ≈ 92%), not only utility
 QUICK = [Setting(), Setting(rho=0.1), Setting(rho=1.0), Setting(rho=3.0), Setting(edge_layers=2)]
 QUICK_PROMPTS = 12
+WIRE_CURVE = (1, 4, 16, 64)  # requests seen under one Q for the unsealed observer's curve (plus all of them)
+QUICK_WIRE_CURVE = (1, 4)
 FULL_PROMPTS = 200  # of the 240 shipped: keeps the default run under 30 minutes on 2 cores
 
 
@@ -72,6 +75,8 @@ class AuditConfig:
     max_new: int = 32
     beam: int = lm_prior.BEAM
     top_m: int = lm_prior.TOP_M
+    insecure_transport: bool = False  # also measure the unsealed wire (for comparison only)
+    wire_curve: tuple[int, ...] = WIRE_CURVE
 
 
 @dataclasses.dataclass(slots=True)
@@ -134,7 +139,6 @@ class Audit:
             cands = nearest.candidates(op, obs, cfg.top_m if use_c else 1)
             recovered["B_l2"] = [c.ids[:, 0].tolist() for c in cands]
             recovered["B_cosine"] = [c.cosine.tolist() for c in cands]
-            recovered["F_norm"] = norm_match.prompts(op, obs)
         if use_c:
             recovered["C_lm_prior"] = lm_prior.decode(op, obs, beam=cfg.beam, top_m=cfg.top_m, cands=cands)
         if s.edge_layers:
@@ -145,6 +149,11 @@ class Audit:
         replies = reply.read_back(op, obs)
         self.progress(f"{s.name}: attacks", len(self.encoded))
         attacked = time.perf_counter()
+        self.progress(f"{s.name}: wire", 0)
+        on_wire = wire.observe_setting(public, traces, noise, s.edge_layers, dep.model.spec.bundle_id, cfg.seed,
+                                       insecure=cfg.insecure_transport, curve=cfg.wire_curve, q_true=dep.q_true)
+        self.progress(f"{s.name}: wire", len(self.encoded))
+        observed_wire = time.perf_counter()
 
         tok = self.ckpt.tokenizer
         attacks = {name: _as_dicts(metrics.privacy(r, self.encoded, tok, cfg.seed)) for name, r in recovered.items()}
@@ -158,23 +167,19 @@ class Audit:
             "rotation_error": q_err,
             "attacks": attacks,
             "best_attack": best,
-            "reply": self._reply_scores(op, obs, traces, replies),
+            "reply": self._reply_scores(traces, replies),
+            "wire": on_wire,
             "utility": _as_dicts(metrics.utility(traces, self.references, cfg.seed)),
             "latency": metrics.latency(traces),
-            "seconds": {"trace": traced - started, "attacks": attacked - traced},
+            "seconds": {"trace": traced - started, "attacks": attacked - traced, "wire": observed_wire - attacked},
             "prompts": len(self.encoded),
         }
 
 
-    def _reply_scores(self, op: Knowledge, obs: list, traces: list, readback: list[list[int]]) -> dict[str, Any]:
-        """E (operator: head on returned states) and, without edge layers, F (wire: norms of fed-back tokens)."""
-        seed = self.config.seed
-        out = {"E_readback": metrics.bootstrap(metrics.reply_recovery(readback, [t.reply_ids for t in traces]),
-                                               seed).as_dict()}
-        if op.edge_layers == 0:
-            sent = [t.reply_ids[:-1] for t in traces]  # the last token is never fed back
-            out["F_norm"] = metrics.bootstrap(metrics.reply_recovery(norm_match.replies(op, obs), sent), seed).as_dict()
-        return out
+    def _reply_scores(self, traces: list, readback: list[list[int]]) -> dict[str, Any]:
+        """E: the operator's read-back (final norm and head on the returned states)."""
+        return {"E_readback": metrics.bootstrap(metrics.reply_recovery(readback, [t.reply_ids for t in traces]),
+                                                self.config.seed).as_dict()}
 
 
 def _as_dicts(d: dict[str, metrics.Estimate]) -> dict[str, dict[str, Any]]:
@@ -220,16 +225,18 @@ def run_audit(ckpt: Checkpoint, config: AuditConfig,
         "max_new_tokens": config.max_new,
         "seed": config.seed,
         "inverter_budget_s": config.budget,
+        "hidden_size": public.hidden_size,
         "embedding_rms": public.embedding_rms,
         "max_embedding_distance": public.max_embedding_distance,
         "delta": metrics.DELTA,
         "results": results,
+        "insecure_transport": config.insecure_transport,
         "seconds": time.perf_counter() - started,
         "threads": torch.get_num_threads(),
     }
 
 
 def sizes(config: AuditConfig, shipped: int) -> int:
-    """Progress units of a run: reference, then trace and attacks per setting, one unit per prompt each."""
+    """Progress units of a run: reference, then trace, attacks and wire per setting, one unit per prompt each."""
     n = shipped if config.prompts is None else min(config.prompts, shipped)
-    return n * (1 + 2 * len(config.settings))
+    return n * (1 + 3 * len(config.settings))

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from privacy_audit.knowledge import Knowledge
+from privacy_audit.knowledge import Knowledge, WireKnowledge
 from privacy_audit.trace import Observed
 
 
-def _match(op: Knowledge, rows: torch.Tensor) -> torch.Tensor:
+def match(op: Knowledge | WireKnowledge, rows: torch.Tensor) -> torch.Tensor:
     """[N, d] received vectors -> [N] token ids whose (clipped) embedding norm is nearest."""
     norms = op.noise_means.double().norm(dim=-1)
     order = torch.argsort(norms)
@@ -30,17 +30,17 @@ def _match(op: Knowledge, rows: torch.Tensor) -> torch.Tensor:
     return order[pick]
 
 
-def prompts(op: Knowledge, observed: list[Observed]) -> list[list[int]]:
+def prompts(op: Knowledge | WireKnowledge, observed: list[Observed]) -> list[list[int]]:
     """Each request's prompt tokens from the norms of its prefill."""
     rows = torch.cat([o.received[:o.prompt_len] for o in observed])
-    return [c.tolist() for c in _match(op, rows).split([o.prompt_len for o in observed])]
+    return [c.tolist() for c in match(op, rows).split([o.prompt_len for o in observed])]
 
 
-def replies(op: Knowledge, observed: list[Observed]) -> list[list[int]]:
+def replies(op: Knowledge | WireKnowledge, observed: list[Observed]) -> list[list[int]]:
     """Each request's generated tokens from the norms of the decode steps (all but the last token,
     which is never sent back)."""
     out = []
     for o in observed:
         fed = o.received[o.prompt_len:]
-        out.append(_match(op, fed).tolist() if fed.shape[0] else [])
+        out.append(match(op, fed).tolist() if fed.shape[0] else [])
     return out

@@ -46,9 +46,19 @@ def test_without_defense_key_recovery_lookup_and_reply_readback_are_near_total(q
     assert r["attacks"]["B_l2"]["token_recovery"]["mean"] >= 0.95
     assert r["reply"]["E_readback"]["mean"] >= 0.95
     assert r["attacks"]["A_lookup"]["canary"]["mean"] >= 0.95
-    # a wire observer without the core bundle reads prompt and reply from vector norms alone
-    assert r["attacks"]["F_norm"]["token_recovery"]["mean"] >= 0.95
-    assert r["reply"]["F_norm"]["mean"] >= 0.95
+
+
+def test_the_sealed_wire_shows_no_row_and_no_token_in_any_setting(quick) -> None:
+    """Sealed rows are always measured; the unsealed ones only with --insecure-transport (test_wire.py)."""
+    for r in quick["doc"]["results"]:
+        w, name = r["wire"], r["setting"]["name"]
+        assert "insecure" not in w, name
+        sealed = w["sealed"]
+        assert sealed["bytes"]["windows"] > 100_000 and sealed["bytes"]["windows_found"] == 0, name
+        for attack, scores in sealed["attacks"].items():
+            assert scores["token_recovery"]["mean"] <= w["chance"]["hi"], (name, attack)
+            assert scores["token_recovery"]["mean"] < r["attacks"][r["best_attack"]]["token_recovery"]["lo"], name
+        assert sealed["metadata"]["prompt_length_exact"] == quick["doc"]["prompts"], "frame sizes show it"
 
 
 def test_lm_prior_decoding_recovers_at_least_nearest_neighbour_at_every_noise_level(quick) -> None:
@@ -103,7 +113,7 @@ def test_outputs_table_json_and_plot(quick) -> None:
     doc = json.loads((out / "results.json").read_text())
     assert [r["setting"]["name"] for r in doc["results"]] == [s.name for s in QUICK]
     table = (out / "results.md").read_text()
-    assert all(s.name in table for s in QUICK) and "C LM prior" in table
+    assert all(s.name in table for s in QUICK) and "C LM prior" in table and "sealed: T template" in table
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
