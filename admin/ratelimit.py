@@ -1,6 +1,8 @@
 """Per-key rate limits (requests and tokens per minute) over an exact sliding window, plus OpenAI-style headers.
 
-Each key keeps a log of admitted requests (request id → time, reserved tokens). A request is admitted only if
+Each key keeps a log of admitted requests (entry id → time, reserved tokens). The limiter makes every entry id
+itself, 128 random bits returned in the decision: a client's `x-request-id` is never an entry, so no caller can
+replace or settle another request's reservation by naming it. A request is admitted only if
 the log's request count and token sum, after trimming entries older than the window, leave room for it; a
 rejected request records nothing. `settle` corrects a reservation to the tokens actually used. The Redis
 limiter (`admin.ratelimit_redis`) runs the same algorithm in one Lua script so edge replicas share one limit.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -32,16 +35,16 @@ class RateDecision:
     remaining_tokens: int | None
     reset_tokens_s: float  # seconds until a token frees (when rejected: until this request's tokens fit)
     retry_after_s: float  # when rejected: seconds until this request could be admitted; 0 when allowed
+    entry: str = ""  # when allowed: the reservation's id, for `settle`
 
 
 @runtime_checkable
 class RateLimiter(Protocol):
     """What the edge calls: reserve at admission, settle after the response."""
 
-    async def acquire(self, key_id: str, *, rpm: int | None, tpm: int | None, tokens: int,
-                      request_id: str) -> RateDecision: ...
+    async def acquire(self, key_id: str, *, rpm: int | None, tpm: int | None, tokens: int) -> RateDecision: ...
 
-    async def settle(self, key_id: str, *, request_id: str, actual_tokens: int) -> None: ...
+    async def settle(self, key_id: str, *, entry: str, actual_tokens: int) -> None: ...
 
     async def aclose(self) -> None: ...
 
@@ -53,28 +56,25 @@ class MemoryRateLimiter:
         assert window_s > 0
         self.window_s = window_s
         self._clock = clock
-        # key id → request id → [time, tokens]; insertion order is time order (one clock, under the lock)
+        # key id → entry id → [time, tokens]; insertion order is time order (one clock, under the lock)
         self._logs: dict[str, collections.OrderedDict[str, list[Any]]] = {}
         self._used: dict[str, int] = {}
         # a plain lock: the critical sections never await, and it is not tied to one event loop
         self._lock = threading.Lock()
         self._last_sweep = clock()
 
-    async def acquire(self, key_id: str, *, rpm: int | None, tpm: int | None, tokens: int,
-                      request_id: str) -> RateDecision:
-        """Admit the request and reserve `tokens`, or reject it and record nothing."""
-        tokens = max(0, tokens)
+    async def acquire(self, key_id: str, *, rpm: int | None, tpm: int | None, tokens: int) -> RateDecision:
+        """Admit the request and reserve `tokens` under a new entry id, or reject it and record nothing."""
+        tokens, entry = max(0, tokens), new_entry_id()
         with self._lock:
             now = self._clock()
             self._sweep(now)
             log = self._logs.setdefault(key_id, collections.OrderedDict())
             self._trim(key_id, log, now)
-            if (old := log.pop(request_id, None)) is not None:  # a retried id replaces its own entry
-                self._used[key_id] -= old[1]
             count, used = len(log), self._used.get(key_id, 0)
             allowed = (rpm is None or count + 1 <= rpm) and (tpm is None or used + tokens <= tpm)
             if allowed:
-                log[request_id] = [now, tokens]
+                log[entry] = [now, tokens]
                 count, used = count + 1, used + tokens
                 self._used[key_id] = used
             elif not log:
@@ -84,17 +84,17 @@ class MemoryRateLimiter:
             ex_tok = (used + (1 if allowed else tokens) - tpm) if tpm is not None else 0
             reset_req = self._free_in(log, now, ex_req, by_tokens=False)
             reset_tok = self._free_in(log, now, ex_tok, by_tokens=True)
-        return _decision(allowed, rpm, tpm, count, used, reset_req, reset_tok)
+        return _decision(allowed, rpm, tpm, count, used, reset_req, reset_tok, entry if allowed else "")
 
-    async def settle(self, key_id: str, *, request_id: str, actual_tokens: int) -> None:
+    async def settle(self, key_id: str, *, entry: str, actual_tokens: int) -> None:
         """Correct a reservation to the tokens actually used (a no-op once it has left the window)."""
         with self._lock:
             log = self._logs.get(key_id)
-            entry = log.get(request_id) if log is not None else None
-            if entry is not None:
+            held = log.get(entry) if log is not None else None
+            if held is not None:
                 actual = max(0, actual_tokens)
-                self._used[key_id] += actual - entry[1]
-                entry[1] = actual
+                self._used[key_id] += actual - held[1]
+                held[1] = actual
 
     async def aclose(self) -> None:
         """Nothing to release."""
@@ -102,10 +102,10 @@ class MemoryRateLimiter:
     def _trim(self, key_id: str, log: collections.OrderedDict[str, list[Any]], now: float) -> None:
         cutoff = now - self.window_s
         while log:
-            rid, (t, n) = next(iter(log.items()))
+            entry, (t, n) = next(iter(log.items()))
             if t > cutoff:
                 break
-            del log[rid]
+            del log[entry]
             self._used[key_id] -= n
         if not log:
             self._used.pop(key_id, None)
@@ -133,8 +133,13 @@ class MemoryRateLimiter:
                 del self._logs[key_id]
 
 
+def new_entry_id() -> str:
+    """A reservation's id: made here, never taken from a request."""
+    return secrets.token_hex(16)
+
+
 def _decision(allowed: bool, rpm: int | None, tpm: int | None, count: int, used: int,
-              reset_req: float, reset_tok: float) -> RateDecision:
+              reset_req: float, reset_tok: float, entry: str = "") -> RateDecision:
     """Build a decision from the log's count and token sum (after admission when allowed)."""
     return RateDecision(
         allowed=allowed,
@@ -145,6 +150,7 @@ def _decision(allowed: bool, rpm: int | None, tpm: int | None, count: int, used:
         remaining_tokens=None if tpm is None else max(0, tpm - used),
         reset_tokens_s=max(0.0, reset_tok),
         retry_after_s=0.0 if allowed else max(reset_req, reset_tok, 0.001),
+        entry=entry,
     )
 
 

@@ -1,8 +1,9 @@
 """The sliding-window limiter on Redis: one Lua script per acquire, on the server's clock, so replicas share a limit.
 
-Per key id, under one hash tag: `veil:rl:{<key_id>}:req` (ZSET request id → admission time in µs),
-`veil:rl:{<key_id>}:tok` (HASH request id → reserved tokens) and `veil:rl:{<key_id>}:sum` (their running sum).
-All three expire one window after the last admission, so idle keys vanish.
+Per key id, under one hash tag: `veil:rl:{<key_id>}:req` (ZSET entry id → admission time in µs),
+`veil:rl:{<key_id>}:tok` (HASH entry id → reserved tokens) and `veil:rl:{<key_id>}:sum` (their running sum).
+All three expire one window after the last admission, so idle keys vanish. Entry ids are made by the limiter
+(`new_entry_id`), never taken from a request.
 """
 
 from __future__ import annotations
@@ -16,17 +17,17 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from admin.ratelimit import RateDecision, _decision
+from admin.ratelimit import RateDecision, _decision, new_entry_id
 from veil.errors import ServiceUnavailable
 
 log = logging.getLogger("veil.admin.ratelimit")
 
-# KEYS: req zset, tok hash, sum. ARGV: rpm (-1 = none), tpm (-1 = none), tokens, request id, window µs.
+# KEYS: req zset, tok hash, sum. ARGV: rpm (-1 = none), tpm (-1 = none), tokens, entry id, window µs.
 # Returns {allowed, count, used, µs until a request frees, µs until tokens free}; counts are after admission.
 _ACQUIRE = """
 local z, h, s = KEYS[1], KEYS[2], KEYS[3]
 local rpm, tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local rid, window = ARGV[4], tonumber(ARGV[5])
+local entry, window = ARGV[4], tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local used = redis.call('GET', s)
@@ -42,25 +43,19 @@ for i = 1, #old do
   redis.call('HDEL', h, old[i])
 end
 if #old > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now - window) end
-local prev = redis.call('HGET', h, rid)
-if prev then
-  used = used - tonumber(prev)
-  redis.call('HDEL', h, rid)
-  redis.call('ZREM', z, rid)
-end
 local count = redis.call('ZCARD', z)
 local allowed = (rpm < 0 or count + 1 <= rpm) and (tpm < 0 or used + tokens <= tpm)
 if allowed then
   local ttl = math.ceil(window / 1000) + 1
-  redis.call('ZADD', z, now, rid)
-  redis.call('HSET', h, rid, tokens)
+  redis.call('ZADD', z, now, entry)
+  redis.call('HSET', h, entry, tokens)
   count, used = count + 1, used + tokens
   redis.call('SET', s, used, 'PX', ttl)
   redis.call('PEXPIRE', z, ttl)
   redis.call('PEXPIRE', h, ttl)
 elseif count == 0 then
   redis.call('DEL', s, h)
-elseif #old > 0 or prev then
+elseif #old > 0 then
   redis.call('SET', s, used, 'KEEPTTL')
 end
 local function free_in(excess, by_tokens)
@@ -87,7 +82,7 @@ if tpm >= 0 then ex_tok = used + (allowed and 1 or tokens) - tpm end
 return {allowed and 1 or 0, count, used, free_in(ex_req, false), free_in(ex_tok, true)}
 """
 
-# KEYS: tok hash, sum. ARGV: request id, actual tokens. A no-op once the entry has left the window.
+# KEYS: tok hash, sum. ARGV: entry id, actual tokens. A no-op once the entry has left the window.
 _SETTLE = """
 local prev = redis.call('HGET', KEYS[1], ARGV[1])
 if not prev then return 0 end
@@ -124,11 +119,12 @@ class RedisRateLimiter:
         self._settle = self._redis.register_script(_SETTLE)
         self._warned_at = -math.inf
 
-    async def acquire(self, key_id: str, *, rpm: int | None, tpm: int | None, tokens: int,
-                      request_id: str) -> RateDecision:
-        """Admit the request and reserve `tokens`, or reject it and record nothing; one round trip."""
+    async def acquire(self, key_id: str, *, rpm: int | None, tpm: int | None, tokens: int) -> RateDecision:
+        """Admit the request and reserve `tokens` under a new entry id, or reject it and record nothing; one
+        round trip."""
+        entry = new_entry_id()
         args: list[int | str] = [-1 if rpm is None else max(0, rpm), -1 if tpm is None else max(0, tpm), max(0, tokens),
-                request_id, round(self.window_s * 1_000_000)]
+                entry, round(self.window_s * 1_000_000)]
         try:
             allowed, count, used, req_us, tok_us = await self._acquire(keys=_keys(key_id), args=args)
         except (RedisError, OSError) as exc:
@@ -137,12 +133,13 @@ class RedisRateLimiter:
                 return RateDecision(True, rpm, None, 0.0, tpm, None, 0.0, 0.0)
             raise ServiceUnavailable("rate limiter unavailable: Redis is unreachable",
                                      code="rate_limiter_unavailable") from exc
-        return _decision(bool(allowed), rpm, tpm, int(count), int(used), int(req_us) / 1e6, int(tok_us) / 1e6)
+        return _decision(bool(allowed), rpm, tpm, int(count), int(used), int(req_us) / 1e6, int(tok_us) / 1e6,
+                         entry if allowed else "")
 
-    async def settle(self, key_id: str, *, request_id: str, actual_tokens: int) -> None:
+    async def settle(self, key_id: str, *, entry: str, actual_tokens: int) -> None:
         """Correct a reservation to the tokens actually used; on a Redis failure, log and keep the reservation."""
         try:
-            await self._settle(keys=_keys(key_id)[1:], args=[request_id, max(0, actual_tokens)])
+            await self._settle(keys=_keys(key_id)[1:], args=[entry, max(0, actual_tokens)])
         except (RedisError, OSError) as exc:
             self._warn(exc, key_id)
 

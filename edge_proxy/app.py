@@ -94,6 +94,7 @@ async def chat_completions(request: Request[Any, Any, EdgeState], state: EdgeSta
     # prepare: policy, template and budget; then reserve the worst case against the key's limits
     gen = await prepare(state.gate, state.engine, state.model, state.settings.privacy, principal, chat, rid, started)
     decision = await state.gate.admit(principal, gen.prompt_tokens + gen.max_new_tokens, rid)
+    gen.reservation = decision.entry
     # run and respond; the responder settles the reservation however the request ends
     ids = shapes.ChatIds(f"chatcmpl-{secrets.token_hex(12)}", chat.model, f"fp_veil_{state.model.spec.bundle_id[:8]}")
     headers = {"x-request-id": rid, **rate_limit_headers(decision)}

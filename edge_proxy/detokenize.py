@@ -37,32 +37,57 @@ class IncrementalDetokenizer:
 
 
 class StopMatcher:
-    """Holds back any tail that could begin a stop string, so a stop is never emitted in part."""
+    """Holds back any tail that could begin a stop string, so a stop is never emitted in part.
+
+    One Knuth-Morris-Pratt automaton per stop string: each character of the reply advances every automaton
+    once (amortized), so the work is linear in the text whatever the stops are, and the automaton's state is
+    exactly the longest held-back tail that is a prefix of its stop. The reply ends at the first stop string
+    to be completed (the longest one if several end on the same character)."""
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
+        self._fail = [_failure(s) for s in self.stops]
+        self._state = [0] * len(self.stops)
         self.pending = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
         """-> (text safe to emit, whether a stop string was hit)."""
         if not self.stops:
             return text, False
+        base = len(self.pending)
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out = self.pending[: min(hits)]
-            self.pending = ""
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
-                if self.pending.endswith(s[:k]):
-                    hold = k
-                    break
-        cut = len(self.pending) - hold
+        for j, ch in enumerate(text):
+            done = 0
+            for i, stop in enumerate(self.stops):
+                k, fail = self._state[i], self._fail[i]
+                while k and stop[k] != ch:
+                    k = fail[k - 1]
+                if stop[k] == ch:
+                    k += 1
+                if k == len(stop):
+                    done = max(done, k)
+                    k = fail[k - 1]
+                self._state[i] = k
+            if done:
+                out = self.pending[:base + j + 1 - done]
+                self.pending, self._state = "", [0] * len(self.stops)
+                return out, True
+        cut = len(self.pending) - max(self._state)
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out, False
 
     def flush(self) -> str:
-        out, self.pending = self.pending, ""
+        out, self.pending, self._state = self.pending, "", [0] * len(self.stops)
         return out
+
+
+def _failure(s: str) -> list[int]:
+    """KMP's failure function: fail[i] = the length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail

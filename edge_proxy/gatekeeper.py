@@ -54,7 +54,7 @@ class Gatekeeper:
     async def admit(self, principal: Principal, tokens: int, rid: str) -> RateDecision:
         """Reserve a request and its worst-case tokens against the key's per-minute limits (429 if over)."""
         decision = await self.plane.limiter.acquire(principal.key_id, rpm=principal.rpm, tpm=principal.tpm,
-                                                    tokens=tokens, request_id=rid)
+                                                    tokens=tokens)
         if decision.allowed:
             return decision
         which = "requests" if decision.remaining_requests == 0 else "tokens"
@@ -64,9 +64,9 @@ class Gatekeeper:
                           f"retry after {decision.retry_after_s:.1f}s", code="rate_limit_exceeded",
                           headers=rate_limit_headers(decision))
 
-    async def settle(self, principal: Principal, rid: str, tokens: int) -> None:
-        """Correct the reservation to what the request really used."""
-        await self.plane.limiter.settle(principal.key_id, request_id=rid, actual_tokens=tokens)
+    async def settle(self, principal: Principal, entry: str, tokens: int) -> None:
+        """Correct the reservation `entry` (the admitting decision's) to what the request really used."""
+        await self.plane.limiter.settle(principal.key_id, entry=entry, actual_tokens=tokens)
 
     def output_gate(self) -> OutputGate | None:
         """The output rules of the current policy, for one reply's text pipeline (None if there are none)."""

@@ -24,7 +24,7 @@ class Status(enum.Enum):
 class Generation:
     """Owned by the engine while it runs; the route reads it to answer and account."""
 
-    request_id: str
+    request_id: str  # the client's x-request-id (or one made here): echoed and logged, never an identity
     prompt_ids: list[int]
     max_new_tokens: int
     sampling: SamplingParams
@@ -33,6 +33,7 @@ class Generation:
     span_noise: SpanNoise | None = None
     restorer: PlaceholderRestorer | None = None  # puts protected spans back into the reply
     output_gate: OutputGate | None = None  # output guardrails
+    reservation: str = ""  # the rate limiter's entry for this request, set at admission
     status: Status = Status.WAITING
     output_ids: list[int] = dataclasses.field(default_factory=list)  # every sampled token, EOS included
     finish_reason: str | None = None  # stop, length or content_filter

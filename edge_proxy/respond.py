@@ -90,7 +90,7 @@ class ChatResponder:
             return
         self._settled = True
         gen, m = self.gen, self.metrics
-        await self.gate.settle(self.principal, gen.request_id, gen.total_tokens)
+        await self.gate.settle(self.principal, gen.reservation, gen.total_tokens)
         if gen.blocked_rule is not None:
             self.gate.blocked(self.principal, gen.blocked_rule, gen.request_id, "output")
         if gen.restorer is not None:

@@ -10,7 +10,11 @@ from edge_proxy.sampling import SamplingParams
 from veil.errors import InvalidRequest
 
 ROLES = {"system", "developer", "user", "assistant"}
-MAX_STOPS = 4
+MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # per stop string: the matcher holds back up to this much of the reply
+MAX_MESSAGES = 2048  # OpenAI's limit on 'messages'
+MAX_CONTENT_PARTS = 2048  # text parts in one message's content
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on 'logit_bias' entries
 _UNSUPPORTED = {
     "tools": "tool calling", "functions": "function calling", "tool_choice": "tool calling",
     "function_call": "function calling", "audio": "audio output",
@@ -61,6 +65,8 @@ def _text(content: Any, i: int) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
+        if len(content) > MAX_CONTENT_PARTS:
+            raise _bad(f"messages[{i}].content may hold at most {MAX_CONTENT_PARTS} parts", f"messages[{i}].content")
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") not in ("text", "refusal"):
@@ -79,6 +85,8 @@ def _messages(body: dict) -> list[dict[str, str]]:
         raise InvalidRequest("'messages' is required", param="messages", code="missing_required_parameter")
     if not isinstance(raw, list) or not raw:
         raise _bad("'messages' must be a non-empty array", "messages")
+    if len(raw) > MAX_MESSAGES:
+        raise _bad(f"'messages' may hold at most {MAX_MESSAGES} messages, got {len(raw)}", "messages")
     out = []
     for i, msg in enumerate(raw):
         if not isinstance(msg, dict):
@@ -100,6 +108,8 @@ def _stop(body: dict) -> list[str]:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOPS:
         raise _bad(f"'stop' must be a string or a list of at most {MAX_STOPS} strings", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise _bad(f"each 'stop' string may be at most {MAX_STOP_CHARS} characters long", "stop")
     return [s for s in stop if s]
 
 
@@ -109,6 +119,8 @@ def _logit_bias(body: dict, vocab_size: int) -> dict[int, float]:
         return {}
     if not isinstance(raw, dict):
         raise _bad("'logit_bias' must map token ids to numbers", "logit_bias")
+    if len(raw) > MAX_LOGIT_BIAS:
+        raise _bad(f"'logit_bias' may hold at most {MAX_LOGIT_BIAS} entries, got {len(raw)}", "logit_bias")
     out = {}
     for key, value in raw.items():
         try:
@@ -126,6 +138,8 @@ def _logit_bias(body: dict, vocab_size: int) -> dict[int, float]:
 def parse_chat_request(raw: bytes, vocab_size: int) -> ChatRequest:
     try:
         body = json.loads(raw)
+    except RecursionError:  # nesting deeper than the parser's stack: an error, not a crash
+        raise InvalidRequest("the request body is nested too deeply", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):

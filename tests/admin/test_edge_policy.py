@@ -104,6 +104,22 @@ def test_request_limit_is_shared_by_replicas_and_429_carries_headers(cluster) ->
         _chat(_client(b, secret))
 
 
+def test_a_fixed_request_id_neither_bypasses_the_limit_nor_is_trusted(cluster) -> None:
+    """The limiter's entries are ids the edge makes: a client repeating one x-request-id used to replace
+    its earlier reservation and get every request through. The id is still echoed for correlation."""
+    a, b = cluster["edges"]
+    _, secret = _new_key(a, rpm=2)
+    fixed = {"x-request-id": "same-id-every-time"}
+    for edge in (a, b):
+        raw = _client(edge, secret).chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_headers=fixed)
+        assert raw.headers["x-request-id"] == "same-id-every-time"
+    for edge in (a, b):
+        with pytest.raises(openai.RateLimitError):
+            _client(edge, secret).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_headers=fixed)
+
+
 def test_token_limit_reserves_max_tokens_then_counts_actual_usage(cluster) -> None:
     edge = cluster["edges"][0]
     eos = 2  # SmolLM2's <|im_end|>: a +100 bias ends each reply after one token

@@ -72,7 +72,7 @@ def keys_of(rdb: redis.Redis, key_id: str) -> set[str]:
 
 def test_200_concurrent_at_rpm_50_admit_exactly_50(make: Callable[..., RateLimiter], kid: str) -> None:
     async def body(rl: RateLimiter) -> list[RateDecision]:
-        return await asyncio.gather(*(rl.acquire(kid, rpm=50, tpm=None, tokens=10, request_id=f"r{i}")
+        return await asyncio.gather(*(rl.acquire(kid, rpm=50, tpm=None, tokens=10)
                                       for i in range(200)))
     decisions = run(make(), body)
     admitted = [d for d in decisions if d.allowed]
@@ -90,11 +90,11 @@ from admin.ratelimit_redis import RedisRateLimiter
 async def main(url, key_id, tag):
     rl = RedisRateLimiter(url)
     # open the pool's connections first (on another key), so both bursts overlap in Redis
-    await asyncio.gather(*(rl.acquire(key_id + "-warm", rpm=None, tpm=None, tokens=0, request_id=f"{tag}-{i}")
+    await asyncio.gather(*(rl.acquire(key_id + "-warm", rpm=None, tpm=None, tokens=0)
                            for i in range(32)))
     print("ready", flush=True)
     sys.stdin.readline()  # both processes fire together
-    ds = await asyncio.gather(*(rl.acquire(key_id, rpm=50, tpm=None, tokens=1, request_id=f"{tag}-{i}")
+    ds = await asyncio.gather(*(rl.acquire(key_id, rpm=50, tpm=None, tokens=1)
                                 for i in range(100)))
     print(sum(d.allowed for d in ds), flush=True)
     await rl.aclose()
@@ -125,41 +125,57 @@ def test_two_processes_share_one_limit(rdb: redis.Redis, kid: str) -> None:
 
 def test_tokens_reserve_then_settle_to_actual_usage(make: Callable[..., RateLimiter], kid: str) -> None:
     async def body(rl: RateLimiter) -> None:
-        async def acquire(rid: str, tokens: int) -> RateDecision:
-            return await rl.acquire(kid, rpm=None, tpm=1000, tokens=tokens, request_id=rid)
-        a = await acquire("a", 600)
+        async def acquire(tokens: int) -> RateDecision:
+            return await rl.acquire(kid, rpm=None, tpm=1000, tokens=tokens)
+        a = await acquire(600)
         assert (a.allowed, a.remaining_tokens, a.reset_tokens_s, a.limit_requests) == (True, 400, 0.0, None)
-        b = await acquire("b", 600)  # 600 reserved + 600 > 1000
-        assert not b.allowed and b.remaining_tokens == 400 and 0 < b.reset_tokens_s <= b.retry_after_s <= 60
-        await rl.settle(kid, request_id="a", actual_tokens=100)  # "a" really used 100
-        b = await acquire("b", 600)
+        b = await acquire(600)  # 600 reserved + 600 > 1000
+        assert not b.allowed and b.entry == "" and b.remaining_tokens == 400
+        assert 0 < b.reset_tokens_s <= b.retry_after_s <= 60
+        await rl.settle(kid, entry=a.entry, actual_tokens=100)  # "a" really used 100
+        b = await acquire(600)
         assert b.allowed and b.remaining_tokens == 300
-        c = await acquire("c", 400)
+        c = await acquire(400)
         assert not c.allowed and c.remaining_tokens == 300
-        await rl.settle(kid, request_id="b", actual_tokens=50)
-        await rl.settle(kid, request_id="never-admitted", actual_tokens=10_000)  # a no-op
-        c = await acquire("c", 400)
+        await rl.settle(kid, entry=b.entry, actual_tokens=50)
+        await rl.settle(kid, entry="never-admitted", actual_tokens=10_000)  # a no-op
+        c = await acquire(400)
         assert c.allowed and c.remaining_tokens == 1000 - 100 - 50 - 400
-        assert not (await acquire("too-big", 1001)).allowed  # can never fit: told to wait a whole window
+        assert not (await acquire(1001)).allowed  # can never fit: told to wait a whole window
+    run(make(), body)
+
+
+def test_every_admission_is_its_own_entry(make: Callable[..., RateLimiter], kid: str) -> None:
+    """Entry ids are the limiter's own: two admissions never share one, so none replaces another
+    (a client repeating one x-request-id used to get every request through), and settling one
+    leaves the other's reservation whole."""
+    async def body(rl: RateLimiter) -> None:
+        first = await rl.acquire(kid, rpm=2, tpm=100, tokens=30)
+        second = await rl.acquire(kid, rpm=2, tpm=100, tokens=30)
+        assert first.allowed and second.allowed and first.entry != second.entry and len(first.entry) == 32
+        assert not (await rl.acquire(kid, rpm=2, tpm=100, tokens=1)).allowed
+        await rl.settle(kid, entry=first.entry, actual_tokens=0)
+        d = await rl.acquire(kid, rpm=None, tpm=100, tokens=70)
+        assert d.allowed and d.remaining_tokens == 0  # 0 + 30 + 70: the second kept its 30
     run(make(), body)
 
 
 def test_both_limits_must_hold_and_rejection_records_nothing(make: Callable[..., RateLimiter], kid: str) -> None:
     async def body(rl: RateLimiter) -> None:
-        d = await rl.acquire(kid, rpm=3, tpm=100, tokens=90, request_id="big")
+        d = await rl.acquire(kid, rpm=3, tpm=100, tokens=90)
         assert d.allowed and (d.remaining_requests, d.remaining_tokens) == (2, 10)
         for i in range(5):  # token-blocked requests must not use up request slots
-            assert not (await rl.acquire(kid, rpm=3, tpm=100, tokens=20, request_id=f"x{i}")).allowed
-        d = await rl.acquire(kid, rpm=3, tpm=100, tokens=5, request_id="small")
+            assert not (await rl.acquire(kid, rpm=3, tpm=100, tokens=20)).allowed
+        d = await rl.acquire(kid, rpm=3, tpm=100, tokens=5)
         assert d.allowed and (d.remaining_requests, d.remaining_tokens) == (1, 5)
     run(make(), body)
 
 
 def test_rejection_carries_retry_after_and_headers(make: Callable[..., RateLimiter], kid: str) -> None:
     async def body(rl: RateLimiter) -> tuple[RateDecision, RateDecision]:
-        first = await rl.acquire(kid, rpm=2, tpm=100, tokens=10, request_id="1")
-        await rl.acquire(kid, rpm=2, tpm=100, tokens=10, request_id="2")
-        return first, await rl.acquire(kid, rpm=2, tpm=100, tokens=10, request_id="3")
+        first = await rl.acquire(kid, rpm=2, tpm=100, tokens=10)
+        await rl.acquire(kid, rpm=2, tpm=100, tokens=10)
+        return first, await rl.acquire(kid, rpm=2, tpm=100, tokens=10)
     first, rejected = run(make(), body)
     assert first.allowed and first.retry_after_s == 0 and first.reset_requests_s == 0
     assert "retry-after" not in rate_limit_headers(first)
@@ -184,8 +200,8 @@ def test_headers_only_for_limits_that_are_set() -> None:
 
 def test_the_window_slides(make: Callable[..., RateLimiter], kid: str, rdb: redis.Redis) -> None:
     async def body(rl: RateLimiter) -> None:
-        async def ok(rid: str) -> RateDecision:
-            return await rl.acquire(kid, rpm=3, tpm=None, tokens=1, request_id=rid)
+        async def ok(name: str) -> RateDecision:
+            return await rl.acquire(kid, rpm=3, tpm=None, tokens=1)
         t0 = time.monotonic()
         assert (await ok("a")).allowed and (await ok("b")).allowed
         await asyncio.sleep(0.5)
@@ -205,13 +221,12 @@ def test_the_window_slides(make: Callable[..., RateLimiter], kid: str, rdb: redi
 
 
 def test_redis_key_names_hold_only_the_key_id(rdb: redis.Redis, kid: str) -> None:
-    request_id = "req-" + uuid.uuid4().hex
-    async def body(rl: RateLimiter) -> None:
-        await rl.acquire(kid, rpm=5, tpm=100, tokens=7, request_id=request_id)
-    run(RedisRateLimiter(REDIS_URL), body)
+    async def body(rl: RateLimiter) -> str:
+        return (await rl.acquire(kid, rpm=5, tpm=100, tokens=7)).entry
+    entry = run(RedisRateLimiter(REDIS_URL), body)
     names = keys_of(rdb, kid)
     assert names == {f"veil:rl:{{{kid}}}:{part}" for part in ("req", "tok", "sum")}
-    assert not any(request_id in k.decode() for k in rdb.scan_iter(match="veil:rl:*"))
+    assert entry and not any(entry in k.decode() for k in rdb.scan_iter(match="veil:rl:*"))
     assert all(0 < rdb.pttl(n) <= 60_001 for n in names)
 
 
@@ -219,11 +234,11 @@ def test_unreachable_redis_fails_closed_quickly() -> None:
     async def body(rl: RateLimiter) -> None:
         t0 = time.monotonic()
         with pytest.raises(ServiceUnavailable) as info:
-            await rl.acquire("k", rpm=5, tpm=None, tokens=1, request_id="r")
+            await rl.acquire("k", rpm=5, tpm=None, tokens=1)
         assert time.monotonic() - t0 < 2
         assert (info.value.status_code, info.value.code) == (503, "rate_limiter_unavailable")
         assert isinstance(info.value.__cause__, RedisError)
-        await rl.settle("k", request_id="r", actual_tokens=1)  # logs, never raises
+        await rl.settle("k", entry="r", actual_tokens=1)  # logs, never raises
     run(RedisRateLimiter("redis://127.0.0.1:1", timeout_s=0.3), body)
 
 
@@ -235,7 +250,7 @@ def test_a_silent_redis_times_out_and_fails_closed() -> None:
         async def body(rl: RateLimiter) -> None:
             t0 = time.monotonic()
             with pytest.raises(ServiceUnavailable):
-                await rl.acquire("k", rpm=5, tpm=None, tokens=1, request_id="r")
+                await rl.acquire("k", rpm=5, tpm=None, tokens=1)
             assert time.monotonic() - t0 < 2
         run(RedisRateLimiter(f"redis://127.0.0.1:{port}", timeout_s=0.2), body)
 
@@ -244,13 +259,13 @@ def test_redis_errors_other_than_connection_are_translated(rdb: redis.Redis, kid
     rdb.set(f"veil:rl:{{{kid}}}:req", "not a sorted set")  # WRONGTYPE from inside the script
     async def body(rl: RateLimiter) -> None:
         with pytest.raises(ServiceUnavailable):
-            await rl.acquire(kid, rpm=5, tpm=None, tokens=1, request_id="r")
+            await rl.acquire(kid, rpm=5, tpm=None, tokens=1)
     run(RedisRateLimiter(REDIS_URL), body)
 
 
 def test_unreachable_redis_fails_open_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     async def body(rl: RateLimiter) -> RateDecision:
-        return await rl.acquire("key_abc", rpm=5, tpm=100, tokens=1, request_id="r")
+        return await rl.acquire("key_abc", rpm=5, tpm=100, tokens=1)
     with caplog.at_level(logging.WARNING, logger="veil.admin.ratelimit"):
         d = run(RedisRateLimiter("redis://:hunter2-secret@127.0.0.1:1", fail_open=True, timeout_s=0.3), body)
     assert d.allowed and d.remaining_requests is None and d.remaining_tokens is None
@@ -264,8 +279,8 @@ def test_memory_limiter_forgets_idle_keys() -> None:
     now = [0.0]
     rl = MemoryRateLimiter(60.0, clock=lambda: now[0])
     async def body(rl: RateLimiter) -> None:
-        await rl.acquire("idle", rpm=1, tpm=None, tokens=1, request_id="r")
+        await rl.acquire("idle", rpm=1, tpm=None, tokens=1)
         now[0] = 61.0
-        await rl.acquire("busy", rpm=1, tpm=None, tokens=1, request_id="r")
+        await rl.acquire("busy", rpm=1, tpm=None, tokens=1)
     run(rl, body)
     assert set(rl._logs) == {"busy"}
