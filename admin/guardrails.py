@@ -4,14 +4,19 @@ on the prompt before anything reaches the core, and optionally on the streamed o
 to itself, replaced by placeholders or sent under heavy noise (edge_proxy/spans).
 
 A blocked request is told the rule id only; the matched text is never echoed or logged.
+Every rule is matched against folded text (admin/textfold.py: NFKC, format characters removed), and
+its findings are mapped back to the original, so fullwidth letters or a zero-width space inside a
+term do not pass a rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import re._parser as sre_parse  # type: ignore[import-not-found]  # the stdlib parser has no stubs
 from typing import Any, Iterable
 
+from admin.textfold import fold, fold_text
 from veil.errors import InvalidRequest, PolicyViolation
 
 ACTIONS = ("block", "redact", "protect")
@@ -32,7 +37,7 @@ DEFAULT_ENTITIES = ["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE",
                     "PERSON"]
 _LABEL = re.compile(r"^[A-Z][A-Z0-9]{0,23}$")  # the placeholder grammar of edge_proxy/spans/restore.py
 REDACTED = "[REDACTED]"
-_PATTERN_HOLDBACK = 64  # output text held back so a pattern match can still stop it before it is sent
+MAX_OUTPUT_MATCH = 1024  # an output pattern's longest match, in characters: what the stream must hold back
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -65,6 +70,11 @@ class GuardrailRule:
         if self.action == "protect":
             self._check_protect()
         self.compile()
+        if "output" in self.applies_to and self.holdback() > MAX_OUTPUT_MATCH:
+            raise InvalidRequest(f"an output rule's longest match must be bounded (at most {MAX_OUTPUT_MATCH} "
+                                 "characters): the stream holds that much back, so that no match is sent before "
+                                 "the rule fires; use bounded repeats such as {0,40} instead of * or +",
+                                 param="pattern")
 
     def _check_protect(self) -> None:
         if self.protection not in PROTECTIONS:
@@ -90,9 +100,10 @@ class GuardrailRule:
                 raise InvalidRequest(f"guardrail pattern is not a valid regular expression: {exc.msg}",
                                      param="pattern") from None
         parts = []
-        for term in self.terms:
-            if not isinstance(term, str) or not term.strip():
+        for raw in self.terms:
+            if not isinstance(raw, str) or not fold_text(raw).strip():
                 raise InvalidRequest("guardrail terms must be non-empty strings", param="terms")
+            term = fold_text(raw)
             # word boundaries only where the term itself starts/ends with a word character
             left = r"\b" if re.match(r"\w", term[0]) else ""
             right = r"\b" if re.match(r"\w", term[-1]) else ""
@@ -100,7 +111,10 @@ class GuardrailRule:
         return re.compile("|".join(parts), re.IGNORECASE)
 
     def holdback(self) -> int:
-        return max(len(t) for t in self.terms) if self.terms else _PATTERN_HOLDBACK
+        """The longest text (folded) the rule can match: what an output gate must hold back for it."""
+        if self.terms:
+            return max(len(fold_text(t)) for t in self.terms)
+        return int(sre_parse.parse(self.pattern).getwidth()[1])
 
 
 def rule_from_dict(data: dict[str, Any]) -> GuardrailRule:
@@ -125,11 +139,14 @@ class Guardrails:
         for msg in messages:
             text = msg["content"]
             for rule, rx in self.prompt_rules:
-                if not rx.search(text):
+                folded = fold(text)
+                found = [folded.span(m.start(), m.end()) for m in rx.finditer(folded.text)]
+                if not found:
                     continue
                 if rule.action == "block":
                     raise PolicyViolation(rule.id)
-                text = rx.sub(REDACTED, text)
+                for start, end in reversed(found):  # from the right, so earlier positions stay valid
+                    text = text[:start] + REDACTED + text[end:]
                 if rule.id not in redacted:
                     redacted.append(rule.id)
             out.append({**msg, "content": text})
@@ -140,25 +157,32 @@ class Guardrails:
 
 
 class OutputGate:
-    """Holds back the tail of the streamed reply so that a blocked match is never sent."""
+    """Holds back the tail of the streamed reply so that a blocked match is never sent.
+
+    Lengths are counted in folded characters: what is held back is the shortest tail of the reply whose
+    folded form is as long as the longest match of any rule, however many invisible characters it holds."""
 
     def __init__(self, rules: list[tuple[GuardrailRule, re.Pattern[str]]]):
         self.rules = rules
         self.hold = max(rule.holdback() for rule, _ in rules)
-        self.sent_tail = ""  # the last `hold` characters already sent, for matches that straddle
+        self.sent_tail = ""  # the end of what was sent (folding to `hold` characters), for matches that straddle
         self.pending = ""
 
     def feed(self, text: str) -> tuple[str, str | None]:
         """-> (text safe to send, id of the rule that blocked or None)."""
         self.pending += text
-        window = self.sent_tail + self.pending
+        window = fold(self.sent_tail + self.pending)
         for rule, rx in self.rules:
-            if rx.search(window):
+            if rx.search(window.text):
                 self.pending = ""
                 return "", rule.id
-        cut = max(0, len(self.pending) - self.hold)
+        # keep the tail that folds to `hold` characters: no match is longer, so none can have begun in what
+        # leaves (the tail is longer in the original where it holds invisible characters)
+        keep_from = max(window.tail_start(self.hold), len(self.sent_tail))
+        cut = keep_from - len(self.sent_tail)
         out, self.pending = self.pending[:cut], self.pending[cut:]
-        self.sent_tail = (self.sent_tail + out)[-self.hold:]
+        sent = self.sent_tail + out
+        self.sent_tail = sent[fold(sent).tail_start(self.hold):]
         return out, None
 
     def flush(self) -> str:

@@ -12,6 +12,7 @@ import re
 from typing import Sequence
 
 from admin.guardrails import ENTITY_LABELS, GuardrailRule
+from admin.textfold import fold
 from edge_proxy.spans.recognizers import RecognizerSet
 
 
@@ -53,14 +54,22 @@ class SpanDetector:
         return [e for _, rs in self._entity_rules for e in rs.unavailable]
 
     def find(self, text: str) -> list[Span]:
-        """Sorted, non-overlapping sensitive spans of `text`."""
+        """Sorted, non-overlapping sensitive spans of `text`.
+
+        Term and pattern rules match the folded text (NFKC, invisible characters removed); recognizers
+        run on the text as written and, where folding changes it, on the folded text too. Every finding
+        is mapped back to the original."""
+        folded = fold(text)
         found: list[Span] = []
         for rule, rx in self._regex:
-            found += [Span(m.start(), m.end(), rule.label, rule.id, rule.protection)
-                      for m in rx.finditer(text) if m.end() > m.start()]
+            found += [Span(*folded.span(m.start(), m.end()), rule.label, rule.id, rule.protection)
+                      for m in rx.finditer(folded.text) if m.end() > m.start()]
         for rule, recognizers in self._entity_rules:
             found += [Span(f.start, f.end, ENTITY_LABELS[f.entity], rule.id, rule.protection, f.score)
                       for f in recognizers.find(text) if f.end > f.start]
+            if folded.changed:
+                found += [Span(*folded.span(f.start, f.end), ENTITY_LABELS[f.entity], rule.id, rule.protection,
+                               f.score) for f in recognizers.find(folded.text) if f.end > f.start]
         return _merge(found)
 
 
