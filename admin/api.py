@@ -17,7 +17,7 @@ from admin.audit import AuditLog
 from admin.auth import Authenticator, require
 from admin.policy import PolicyService
 from admin.principal import Principal, Scope
-from veil.errors import InvalidRequest, ServiceUnavailable
+from veil.errors import AuthenticationFailed, InvalidRequest, PermissionDenied, ServiceUnavailable
 
 
 class AdminState(Protocol):
@@ -38,12 +38,6 @@ class KeyCreate:
 
 
 @dataclasses.dataclass
-class LimitsUpdate:
-    rpm: int | None = None
-    tpm: int | None = None
-
-
-@dataclasses.dataclass
 class GuardrailCreate:
     id: str
     action: str
@@ -61,9 +55,19 @@ def _rid(request: Request) -> str | None:
 
 
 async def _caller(request: Request, scope: Scope) -> Principal:
+    """Authenticate and check the scope; refusals are audited like the edge's (401 auth.failure, 403 auth.denied)."""
     state: AdminState = request.app.state
-    principal = await state.auth.authenticate(request.headers)
-    require(principal, scope)
+    try:
+        principal = await state.auth.authenticate(request.headers)
+    except AuthenticationFailed as exc:
+        if state.audit is not None:
+            state.audit.record("auth.failure", request_id=_rid(request), reason=str(exc.code), path=request.url.path)
+        raise
+    try:
+        require(principal, scope)
+    except PermissionDenied:
+        _audit(request, "auth.denied", principal, scope=scope.value, path=request.url.path)
+        raise
     return principal
 
 
@@ -115,11 +119,12 @@ async def rotate_key(request: Request, key_id: str) -> dict[str, Any]:
     return {"key": record, "secret": secret}
 
 
-@patch("/keys/{key_id:str}/limits", summary="Set a key's requests and tokens per minute (null = unlimited)")
-async def set_limits(request: Request, key_id: str, data: LimitsUpdate) -> dict[str, Any]:
+@patch("/keys/{key_id:str}/limits",
+       summary="Change a key's requests and/or tokens per minute; a limit left out stays, null = unlimited")
+async def set_limits(request: Request, key_id: str, data: dict[str, Any]) -> dict[str, Any]:
     who = await _caller(request, Scope.ADMIN)
-    record = request.app.state.policy.set_limits(key_id, data.rpm, data.tpm)
-    _audit(request, "key.limits", who, key_id=key_id, rpm=data.rpm, tpm=data.tpm)
+    record = request.app.state.policy.set_limits(key_id, data)
+    _audit(request, "key.limits", who, key_id=key_id, **{k: data[k] for k in ("rpm", "tpm") if k in data})
     return record
 
 

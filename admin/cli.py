@@ -57,8 +57,8 @@ def add_parser(sub: Any) -> None:
     limits = groups.add_parser("limits", help="rate limits").add_subparsers(dest="admin_action", required=True)
     lset = limits.add_parser("set", help="set a key's limits ('none' = unlimited)")
     lset.add_argument("key_id")
-    lset.add_argument("--rpm", type=_limit, default=None)
-    lset.add_argument("--tpm", type=_limit, default=None)
+    lset.add_argument("--rpm", type=_limit, default=argparse.SUPPRESS, help="requests per minute ('none' clears it)")
+    lset.add_argument("--tpm", type=_limit, default=argparse.SUPPRESS, help="tokens per minute ('none' clears it)")
 
     guard = groups.add_parser("guardrails", help="guardrail rules").add_subparsers(dest="admin_action", required=True)
     gadd = guard.add_parser("add", help="add a rule")
@@ -132,7 +132,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         out = call("POST", f"/admin/v1/keys/{args.key_id}/rotate")
         text = f"rotated {_show_key(out['key'])}\nnew secret (shown once):\n{out['secret']}"
     elif g == "limits":
-        out = call("PATCH", f"/admin/v1/keys/{args.key_id}/limits", {"rpm": args.rpm, "tpm": args.tpm})
+        changes = {k: getattr(args, k) for k in ("rpm", "tpm") if hasattr(args, k)}  # only what was given
+        if not changes:
+            raise SystemExit("veil admin limits set: give --rpm and/or --tpm ('none' clears a limit)")
+        out = call("PATCH", f"/admin/v1/keys/{args.key_id}/limits", changes)
         text = _show_key(out)
     elif g == "guardrails" and a == "add":
         import secrets

@@ -195,12 +195,21 @@ class PolicyService:
             return r.public()
         return self._edit(key_id, change), secret
 
-    def set_limits(self, key_id: str, rpm: int | None, tpm: int | None) -> dict[str, Any]:
-        _check_limit(rpm, "rpm")
-        _check_limit(tpm, "tpm")
+    def set_limits(self, key_id: str, changes: dict[str, int | None]) -> dict[str, Any]:
+        """Change only the limits named in `changes` (a None value clears that limit); the others stay."""
+        unknown = sorted(set(changes) - {"rpm", "tpm"})
+        if unknown or not changes:
+            raise InvalidRequest("give 'rpm' and/or 'tpm' (null clears a limit)", param=unknown[0] if unknown else None)
+        for name, value in changes.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise InvalidRequest(f"'{name}' must be an integer or null", param=name)
+            _check_limit(value, name)
 
         def change(r: apikeys.KeyRecord) -> dict[str, Any]:
-            r.rpm, r.tpm = rpm, tpm
+            if "rpm" in changes:
+                r.rpm = changes["rpm"]
+            if "tpm" in changes:
+                r.tpm = changes["tpm"]
             return r.public()
         return self._edit(key_id, change)
 

@@ -9,7 +9,11 @@ import enum
 class Scope(str, enum.Enum):
     GENERATE = "generate"  # chat completions
     READ = "read"  # models, own usage
-    ADMIN = "admin"  # the admin API
+    ADMIN = "admin"  # the admin API; implies read and metrics
+    METRICS = "metrics"  # the edge's Prometheus /metrics (a scraper's key)
+
+
+IMPLIED_BY_ADMIN = frozenset({Scope.READ.value, Scope.METRICS.value})  # not generate: an admin key is no model user
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -24,4 +28,4 @@ class Principal:
     noise_rho: float | None = None  # per-key embedding noise; None = the deployment's setting
 
     def has(self, scope: Scope) -> bool:
-        return scope.value in self.scopes
+        return scope.value in self.scopes or (Scope.ADMIN.value in self.scopes and scope.value in IMPLIED_BY_ADMIN)

@@ -114,7 +114,9 @@ async def readyz(state: EdgeState) -> dict[str, str]:
 
 
 @get("/metrics")
-async def metrics(state: EdgeState) -> Response[bytes]:
+async def metrics(request: Request, state: EdgeState) -> Response[bytes]:
+    """Prometheus metrics, for a key with the `metrics` scope (or admin) when auth is on."""
+    await _principal(request, state, Scope.METRICS)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -18,7 +18,7 @@ from admin.ratelimit import RateDecision, rate_limit_headers
 from edge_proxy.metrics import EdgeMetrics
 from edge_proxy.spans.detect import SpanDetector
 from edge_proxy.spans.protect import ProtectedPrompt, protect
-from veil.errors import AuthenticationFailed, PolicyViolation, RateLimited
+from veil.errors import AuthenticationFailed, PermissionDenied, PolicyViolation, RateLimited
 
 
 class Gatekeeper:
@@ -48,7 +48,12 @@ class Gatekeeper:
             self._audit("auth.failure", request_id=rid, reason=str(exc.code), path=path)
             exc.headers["www-authenticate"] = "Bearer"
             raise
-        require(principal, scope)
+        try:
+            require(principal, scope)
+        except PermissionDenied:
+            self.metrics.permission_denied.labels(scope=scope.value).inc()
+            self._audit("auth.denied", actor=principal.key_id, request_id=rid, scope=scope.value, path=path)
+            raise
         return principal
 
     async def admit(self, principal: Principal, tokens: int, rid: str) -> RateDecision:
@@ -58,7 +63,7 @@ class Gatekeeper:
         if decision.allowed:
             return decision
         which = "requests" if decision.remaining_requests == 0 else "tokens"
-        self.metrics.rate_limited.labels(key_id=principal.key_id, limit=which).inc()
+        self.metrics.rate_limited.labels(limit=which).inc()
         self._audit("ratelimit.reject", actor=principal.key_id, request_id=rid, limit=which)
         raise RateLimited(f"rate limit reached for {which} per minute on key {principal.key_id}; "
                           f"retry after {decision.retry_after_s:.1f}s", code="rate_limit_exceeded",
@@ -74,7 +79,7 @@ class Gatekeeper:
 
     def blocked(self, principal: Principal, rule_id: str, rid: str, where: str) -> None:
         """Count and audit a guardrail block (prompt or output) by key id and rule id."""
-        self.metrics.policy_blocks.labels(key_id=principal.key_id, rule=rule_id).inc()
+        self.metrics.policy_blocks.labels(rule=rule_id).inc()
         self._audit("policy.block", actor=principal.key_id, request_id=rid, rule_id=rule_id, where=where)
 
     def guard_prompt(self, principal: Principal, messages: list[dict[str, str]],

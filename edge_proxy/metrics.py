@@ -21,10 +21,11 @@ class EdgeMetrics:
                                       registry=r, buckets=_FAST)
         self.auth_failures = Counter("veil_edge_auth_failures_total", "Rejected credentials by reason",
                                      ["reason"], registry=r)
-        self.rate_limited = Counter("veil_edge_rate_limited_total", "429s by key id and limit",
-                                    ["key_id", "limit"], registry=r)
-        self.policy_blocks = Counter("veil_edge_policy_blocks_total", "Guardrail blocks by key id and rule",
-                                     ["key_id", "rule"], registry=r)
+        # no series is labelled by key id or JWT subject: who was refused is in the audit log, not in /metrics
+        self.permission_denied = Counter("veil_edge_permission_denied_total", "403s by the scope that was missing",
+                                         ["scope"], registry=r)
+        self.rate_limited = Counter("veil_edge_rate_limited_total", "429s by limit", ["limit"], registry=r)
+        self.policy_blocks = Counter("veil_edge_policy_blocks_total", "Guardrail blocks by rule", ["rule"], registry=r)
         self.protected_spans = Counter("veil_edge_protected_spans_total",
                                        "Prompt spans kept at the edge by protect rules, by placeholder type and mode",
                                        ["label", "protection"], registry=r)

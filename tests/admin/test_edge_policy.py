@@ -59,6 +59,12 @@ def _new_key(edge: Server, **body) -> tuple[str, str]:
     return r.json()["key"]["id"], r.json()["secret"]
 
 
+def _metrics(edge: Server) -> str:
+    r = httpx.get(edge.url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.text
+
+
 def _client(edge: Server, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=edge.url + "/v1", api_key=key, max_retries=0)
 
@@ -157,8 +163,8 @@ def test_guardrail_blocks_before_the_core_and_names_only_the_rule(cluster) -> No
                 model=MODEL, messages=[{"role": "user", "content": "status of Project-X?"}], max_tokens=3)
         assert exc.value.code == "policy_violation" and "codename" in exc.value.message
         assert "project-x" not in exc.value.response.text.lower()
-        metrics = httpx.get(b.url + "/metrics").text
-        assert 'veil_edge_policy_blocks_total{key_id="' in metrics and 'rule="codename"' in metrics
+        metrics = _metrics(b)
+        assert 'veil_edge_policy_blocks_total{rule="codename"}' in metrics
     finally:
         assert _admin(a, "DELETE", "/admin/v1/guardrails/codename").status_code == 204
 
@@ -216,7 +222,7 @@ def test_cli_manages_protect_rules_and_the_edge_applies_them(cluster) -> None:
     events = json.loads(_veil_admin(cluster, "--json", "audit", "tail", "-n", "20").stdout)["data"]
     protect = [e for e in events if e["event"] == "policy.protect"]
     assert protect and protect[-1]["rules"] == "crm,pii" and protect[-1]["spans"] == 2
-    metrics = httpx.get(cluster["edges"][1].url + "/metrics").text
+    metrics = _metrics(cluster["edges"][1])
     assert 'veil_edge_protected_spans_total{label="EMAIL",protection="placeholder"} 1.0' in metrics
     assert 'veil_edge_protected_spans_total{label="PERSON",protection="noise"} 1.0' in metrics
     everything = (Path(cluster["tmp"]) / "audit.log").read_text() + metrics + "".join(
@@ -239,12 +245,28 @@ def test_audit_records_failures_and_no_secret_reaches_logs_metrics_or_errors(clu
     assert any(x["event"] == "ratelimit.reject" and x["actor"] == key_id for x in lines)
     assert any(x["event"] == "auth.failure" for x in lines)
     everything = "".join(s.log() for s in cluster["edges"] + [cluster["core"]]) + "".join(bodies)
-    everything += httpx.get(a.url + "/metrics").text + (cluster["tmp"] / "audit.log").read_text()
+    everything += _metrics(a) + (cluster["tmp"] / "audit.log").read_text()
     secret_part = secret[len(f"sk-veil-{key_id}-"):]  # urlsafe base64 may itself contain '-'
     assert len(secret_part) >= 40
     for secret_text in (secret, secret_part, ADMIN_KEY, PASSPHRASE):
         assert secret_text not in everything
-    assert f'key_id="{key_id}"' in httpx.get(a.url + "/metrics").text
+    assert key_id not in _metrics(a)  # no series is labelled by key id
+
+
+def test_metrics_need_the_metrics_scope_and_refusals_by_scope_are_counted_and_audited(cluster) -> None:
+    a = cluster["edges"][0]
+    assert httpx.get(a.url + "/metrics").status_code == 401
+    reader_id, reader = _new_key(a, scopes=["read"])
+    assert httpx.get(a.url + "/metrics", headers={"authorization": f"Bearer {reader}"}).status_code == 403
+    _, scraper = _new_key(a, scopes=["metrics"])
+    scraped = httpx.get(a.url + "/metrics", headers={"authorization": f"Bearer {scraper}"})
+    assert scraped.status_code == 200 and 'veil_edge_permission_denied_total{scope="metrics"}' in scraped.text
+    with pytest.raises(openai.PermissionDeniedError):
+        _chat(_client(a, reader))
+    assert [m.id for m in _client(a, ADMIN_KEY).models.list()] == [MODEL]  # admin implies read
+    lines = [json.loads(x) for x in (cluster["tmp"] / "audit.log").read_text().splitlines()]
+    denied = [x for x in lines if x["event"] == "auth.denied" and x["actor"] == reader_id]
+    assert {x["scope"] for x in denied} == {"metrics", "generate"}
 
 
 def _start_edge(cluster, tmp: Path, **extra: str) -> subprocess.Popen:

@@ -51,7 +51,27 @@ def test_bad_key_input_is_400_and_unknown_is_404(policy: PolicyService) -> None:
     with pytest.raises(NotFound):
         policy.revoke_key("nope")
     record, _ = policy.create_key("a", ["read"])
-    assert policy.set_limits(record["id"], 120, None)["rpm"] == 120
+    assert policy.set_limits(record["id"], {"rpm": 120})["rpm"] == 120
+    for bad in ({}, {"rpm": "5"}, {"rpm": True}, {"burst": 3}, {"tpm": -1}):
+        with pytest.raises(InvalidRequest):
+            policy.set_limits(record["id"], bad)
+
+
+def test_setting_one_limit_keeps_the_other_and_null_clears(policy: PolicyService) -> None:
+    """`limits set KID --rpm 5` used to clear the key's tpm."""
+    record, _ = policy.create_key("a", ["generate"], rpm=60, tpm=5000)
+    assert (lambda r: (r["rpm"], r["tpm"]))(policy.set_limits(record["id"], {"rpm": 5})) == (5, 5000)
+    assert (lambda r: (r["rpm"], r["tpm"]))(policy.set_limits(record["id"], {"tpm": None})) == (5, None)
+    assert (lambda r: (r["rpm"], r["tpm"]))(policy.set_limits(record["id"], {"rpm": None, "tpm": 7})) == (None, 7)
+
+
+def test_admin_implies_read_and_metrics_but_not_generate(policy: PolicyService) -> None:
+    record, secret = policy.create_key("boss", ["admin"])
+    boss = policy.authenticate(secret)
+    assert boss.has(Scope.ADMIN) and boss.has(Scope.READ) and boss.has(Scope.METRICS)
+    assert not boss.has(Scope.GENERATE)
+    _, scraper = policy.create_key("prom", ["metrics"])
+    assert policy.authenticate(scraper).has(Scope.METRICS) and not policy.authenticate(scraper).has(Scope.READ)
 
 
 def test_bootstrap_admin_key_from_env_or_minted_once(policy: PolicyService) -> None:
