@@ -15,7 +15,7 @@ from litestar.params import Parameter
 
 from admin.audit import AuditLog
 from admin.auth import Authenticator, require
-from admin.policy import PolicyService
+from admin.policy import LIMITS, PolicyService
 from admin.principal import Principal, Scope
 from veil.errors import AuthenticationFailed, InvalidRequest, PermissionDenied, ServiceUnavailable
 
@@ -35,6 +35,7 @@ class KeyCreate:
     expires_at: float | None = None  # unix time; or
     expires_in_s: int | None = None  # seconds from now
     noise_rho: float | None = None  # embedding noise for this key (privacy defense); null = deployment default
+    max_concurrent: int | None = None  # concurrent generations; null = the deployment's edge.max_concurrent_per_key
 
 
 @dataclasses.dataclass
@@ -86,7 +87,7 @@ async def create_key(request: Request, data: KeyCreate) -> dict[str, Any]:
             raise InvalidRequest("expires_in_s must be positive", param="expires_in_s")
         expires_at = time.time() + data.expires_in_s
     record, secret = request.app.state.policy.create_key(data.name, data.scopes, data.rpm, data.tpm, expires_at,
-                                                         data.noise_rho)
+                                                         data.noise_rho, data.max_concurrent)
     _audit(request, "key.create", who, key_id=record["id"], scopes=",".join(record["scopes"]))
     return {"key": record, "secret": secret}
 
@@ -120,11 +121,11 @@ async def rotate_key(request: Request, key_id: str) -> dict[str, Any]:
 
 
 @patch("/keys/{key_id:str}/limits",
-       summary="Change a key's requests and/or tokens per minute; a limit left out stays, null = unlimited")
+       summary="Change a key's rpm, tpm and/or max_concurrent; a limit left out stays, null = unlimited")
 async def set_limits(request: Request, key_id: str, data: dict[str, Any]) -> dict[str, Any]:
     who = await _caller(request, Scope.ADMIN)
     record = request.app.state.policy.set_limits(key_id, data)
-    _audit(request, "key.limits", who, key_id=key_id, **{k: data[k] for k in ("rpm", "tpm") if k in data})
+    _audit(request, "key.limits", who, key_id=key_id, **{k: data[k] for k in LIMITS if k in data})
     return record
 
 
@@ -187,7 +188,7 @@ async def policy_import(request: Request, data: dict[str, Any]) -> dict[str, Any
 async def whoami(request: Request) -> dict[str, Any]:
     who = await _caller(request, Scope.READ)
     return {"key_id": who.key_id, "kind": who.kind, "scopes": sorted(who.scopes), "rpm": who.rpm, "tpm": who.tpm,
-            "noise_rho": who.noise_rho}
+            "max_concurrent": who.max_concurrent, "noise_rho": who.noise_rho}
 
 
 admin_router = Router(

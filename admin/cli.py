@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from admin.guardrails import ACTIONS, DEFAULT_ENTITIES, PROTECTIONS
+from admin.policy import LIMITS
 from veil.errors import VeilError
 from veil.settings import Settings
 
@@ -47,6 +48,8 @@ def add_parser(sub: Any) -> None:
     create.add_argument("--scopes", default="generate,read", help="comma list of generate, read, admin")
     create.add_argument("--rpm", type=_limit, default=None, help="requests per minute")
     create.add_argument("--tpm", type=_limit, default=None, help="tokens per minute")
+    create.add_argument("--max-concurrent", type=_limit, default=None,
+                        help="concurrent generations (default: the deployment's edge.max_concurrent_per_key)")
     create.add_argument("--expires-in", type=_duration, default=None, help="e.g. 90d")
     create.add_argument("--noise-rho", type=float, default=None,
                         help="embedding noise for this key's requests (default: the deployment's)")
@@ -59,6 +62,8 @@ def add_parser(sub: Any) -> None:
     lset.add_argument("key_id")
     lset.add_argument("--rpm", type=_limit, default=argparse.SUPPRESS, help="requests per minute ('none' clears it)")
     lset.add_argument("--tpm", type=_limit, default=argparse.SUPPRESS, help="tokens per minute ('none' clears it)")
+    lset.add_argument("--max-concurrent", type=_limit, default=argparse.SUPPRESS,
+                      help="concurrent generations ('none' clears it)")
 
     guard = groups.add_parser("guardrails", help="guardrail rules").add_subparsers(dest="admin_action", required=True)
     gadd = guard.add_parser("add", help="add a rule")
@@ -106,7 +111,7 @@ def _request(settings: Settings, method: str, path: str, body: Any = None) -> An
 
 
 def _show_key(k: dict[str, Any]) -> str:
-    limits = f"rpm={k['rpm'] or '-'} tpm={k['tpm'] or '-'}"
+    limits = f"rpm={k['rpm'] or '-'} tpm={k['tpm'] or '-'} concurrent={k.get('max_concurrent') or '-'}"
     state = "active" if k["active"] else ("revoked" if k["revoked_at"] else "expired")
     return f"{k['id']}  {k['name']:<20} {','.join(k['scopes']):<22} {limits:<22} {state}"
 
@@ -116,7 +121,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     call = lambda method, path, body=None: _request(settings, method, path, body)  # noqa: E731
     if g == "keys" and a == "create":
         body = {"name": args.name, "scopes": [s for s in args.scopes.split(",") if s], "rpm": args.rpm,
-                "tpm": args.tpm, "expires_in_s": args.expires_in, "noise_rho": args.noise_rho}
+                "tpm": args.tpm, "expires_in_s": args.expires_in, "noise_rho": args.noise_rho,
+                "max_concurrent": args.max_concurrent}
         out = call("POST", "/admin/v1/keys", body)
         text = f"created {_show_key(out['key'])}\nsecret (shown once, store it now):\n{out['secret']}"
     elif g == "keys" and a == "list":
@@ -132,9 +138,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         out = call("POST", f"/admin/v1/keys/{args.key_id}/rotate")
         text = f"rotated {_show_key(out['key'])}\nnew secret (shown once):\n{out['secret']}"
     elif g == "limits":
-        changes = {k: getattr(args, k) for k in ("rpm", "tpm") if hasattr(args, k)}  # only what was given
+        changes = {k: getattr(args, k) for k in LIMITS if hasattr(args, k)}  # only what was given
         if not changes:
-            raise SystemExit("veil admin limits set: give --rpm and/or --tpm ('none' clears a limit)")
+            raise SystemExit("veil admin limits set: give --rpm, --tpm and/or --max-concurrent ('none' clears one)")
         out = call("PATCH", f"/admin/v1/keys/{args.key_id}/limits", changes)
         text = _show_key(out)
     elif g == "guardrails" and a == "add":

@@ -32,6 +32,7 @@ class KeyRecord:
     expires_at: float | None = None
     revoked_at: float | None = None
     noise_rho: float | None = None  # embedding noise for this key's requests; None = deployment default
+    max_concurrent: int | None = None  # concurrent generations; None = edge.max_concurrent_per_key
 
     def public(self) -> dict[str, Any]:
         """The admin API's view: everything but the hash, plus a display prefix."""

@@ -65,6 +65,9 @@ class MemoryStore:
         return self._version
 
 
+LIMITS = ("rpm", "tpm", "max_concurrent")  # what `set_limits` may change on a key
+
+
 def _check_scopes(scopes: list[str]) -> list[str]:
     bad = [s for s in scopes if s not in SCOPES]
     if bad or not scopes:
@@ -126,7 +129,7 @@ class PolicyService:
         if record.expires_at is not None and time.time() >= record.expires_at:
             raise AuthenticationFailed("this API key has expired", code="expired_api_key")
         return Principal(record.id, frozenset(record.scopes), record.rpm, record.tpm, kind="api_key",
-                         noise_rho=record.noise_rho)
+                         noise_rho=record.noise_rho, max_concurrent=record.max_concurrent)
 
     # --- writing -----------------------------------------------------------------------------
     def ensure_bootstrap(self, admin_key: str) -> str | None:
@@ -156,7 +159,8 @@ class PolicyService:
         self.store.update(lambda p: p["keys"].__setitem__(record.id, dataclasses.asdict(record)))
 
     def create_key(self, name: str, scopes: list[str], rpm: int | None = None, tpm: int | None = None,
-                   expires_at: float | None = None, noise_rho: float | None = None) -> tuple[dict[str, Any], str]:
+                   expires_at: float | None = None, noise_rho: float | None = None,
+                   max_concurrent: int | None = None) -> tuple[dict[str, Any], str]:
         if not isinstance(name, str) or not 1 <= len(name) <= 100:
             raise InvalidRequest("name must be 1-100 characters", param="name")
         if expires_at is not None and (not isinstance(expires_at, (int, float)) or expires_at <= time.time()):
@@ -165,7 +169,8 @@ class PolicyService:
         secret = apikeys.new_secret(key_id)
         record = apikeys.KeyRecord(key_id, name, apikeys.hash_key(secret), _check_scopes(scopes),
                                    _check_limit(rpm, "rpm"), _check_limit(tpm, "tpm"), expires_at=expires_at,
-                                   noise_rho=_check_noise(noise_rho))
+                                   noise_rho=_check_noise(noise_rho),
+                                   max_concurrent=_check_limit(max_concurrent, "max_concurrent"))
         self._put(record)
         return record.public(), secret
 
@@ -197,19 +202,18 @@ class PolicyService:
 
     def set_limits(self, key_id: str, changes: dict[str, int | None]) -> dict[str, Any]:
         """Change only the limits named in `changes` (a None value clears that limit); the others stay."""
-        unknown = sorted(set(changes) - {"rpm", "tpm"})
+        unknown = sorted(set(changes) - set(LIMITS))
         if unknown or not changes:
-            raise InvalidRequest("give 'rpm' and/or 'tpm' (null clears a limit)", param=unknown[0] if unknown else None)
+            raise InvalidRequest("give any of 'rpm', 'tpm', 'max_concurrent' (null clears a limit)",
+                                 param=unknown[0] if unknown else None)
         for name, value in changes.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise InvalidRequest(f"'{name}' must be an integer or null", param=name)
             _check_limit(value, name)
 
         def change(r: apikeys.KeyRecord) -> dict[str, Any]:
-            if "rpm" in changes:
-                r.rpm = changes["rpm"]
-            if "tpm" in changes:
-                r.tpm = changes["tpm"]
+            for name, value in changes.items():
+                setattr(r, name, value)
             return r.public()
         return self._edit(key_id, change)
 

@@ -26,6 +26,7 @@ class Principal:
     tpm: int | None = None  # tokens per minute; None = unlimited
     kind: str = "api_key"  # api_key | jwt | local
     noise_rho: float | None = None  # per-key embedding noise; None = the deployment's setting
+    max_concurrent: int | None = None  # concurrent generations; None = the deployment's setting
 
     def has(self, scope: Scope) -> bool:
         return scope.value in self.scopes or (Scope.ADMIN.value in self.scopes and scope.value in IMPLIED_BY_ADMIN)

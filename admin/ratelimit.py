@@ -4,7 +4,9 @@ Each key keeps a log of admitted requests (entry id → time, reserved tokens). 
 itself, 128 random bits returned in the decision: a client's `x-request-id` is never an entry, so no caller can
 replace or settle another request's reservation by naming it. A request is admitted only if
 the log's request count and token sum, after trimming entries older than the window, leave room for it; a
-rejected request records nothing. `settle` corrects a reservation to the tokens actually used. The Redis
+rejected request records nothing. The edge admits a request with 0 tokens before it reads the body, so every
+request counts toward rpm, refused or not; `reserve` then raises the entry to the prompt's worst case (tpm
+checked), and `settle` corrects it to the tokens actually used. The Redis
 limiter (`admin.ratelimit_redis`) runs the same algorithm in one Lua script so edge replicas share one limit.
 """
 
@@ -40,9 +42,13 @@ class RateDecision:
 
 @runtime_checkable
 class RateLimiter(Protocol):
-    """What the edge calls: reserve at admission, settle after the response."""
+    """What the edge calls: `acquire` counts the request before its body is read, `reserve` adds its worst-case
+    tokens once the prompt is tokenized, `settle` corrects them to what it used."""
 
     async def acquire(self, key_id: str, *, rpm: int | None, tpm: int | None, tokens: int) -> RateDecision: ...
+
+    async def reserve(self, key_id: str, *, entry: str, rpm: int | None, tpm: int | None,
+                      tokens: int) -> RateDecision: ...
 
     async def settle(self, key_id: str, *, entry: str, actual_tokens: int) -> None: ...
 
@@ -65,26 +71,47 @@ class MemoryRateLimiter:
 
     async def acquire(self, key_id: str, *, rpm: int | None, tpm: int | None, tokens: int) -> RateDecision:
         """Admit the request and reserve `tokens` under a new entry id, or reject it and record nothing."""
-        tokens, entry = max(0, tokens), new_entry_id()
+        return self._admit(key_id, rpm, tpm, max(0, tokens), new_entry_id(), grow=False)
+
+    async def reserve(self, key_id: str, *, entry: str, rpm: int | None, tpm: int | None,
+                      tokens: int) -> RateDecision:
+        """Raise the admitted `entry`'s reservation to `tokens` if the key's tpm leaves room for it. Refused,
+        the entry keeps what it holds and still counts as a request; an entry that has left the window is
+        admitted afresh (it no longer counts)."""
+        return self._admit(key_id, rpm, tpm, max(0, tokens), entry, grow=True)
+
+    def _admit(self, key_id: str, rpm: int | None, tpm: int | None, tokens: int, entry: str, *,
+               grow: bool) -> RateDecision:
         with self._lock:
             now = self._clock()
             self._sweep(now)
             log = self._logs.setdefault(key_id, collections.OrderedDict())
             self._trim(key_id, log, now)
             count, used = len(log), self._used.get(key_id, 0)
-            allowed = (rpm is None or count + 1 <= rpm) and (tpm is None or used + tokens <= tpm)
-            if allowed:
-                log[entry] = [now, tokens]
-                count, used = count + 1, used + tokens
-                self._used[key_id] = used
-            elif not log:
-                del self._logs[key_id]
+            held = log.get(entry) if grow else None
+            if held is not None:  # already counted as a request: only its tokens change
+                allowed = tpm is None or used - held[1] + tokens <= tpm
+                if allowed:
+                    used += tokens - held[1]
+                    held[1] = tokens
+                    self._used[key_id] = used
+                need = tokens - held[1]
+            else:
+                allowed = (rpm is None or count + 1 <= rpm) and (tpm is None or used + tokens <= tpm)
+                if allowed:
+                    log[entry] = [now, tokens]
+                    count, used = count + 1, used + tokens
+                    self._used[key_id] = used
+                elif not log:
+                    del self._logs[key_id]
+                need = tokens
             # the "excess" is how much must expire before the next unit (allowed) or this request (rejected) fits
             ex_req = count + 1 - rpm if rpm is not None else 0
-            ex_tok = (used + (1 if allowed else tokens) - tpm) if tpm is not None else 0
+            ex_tok = (used + (1 if allowed else need) - tpm) if tpm is not None else 0
             reset_req = self._free_in(log, now, ex_req, by_tokens=False)
             reset_tok = self._free_in(log, now, ex_tok, by_tokens=True)
-        return _decision(allowed, rpm, tpm, count, used, reset_req, reset_tok, entry if allowed else "")
+        return _decision(allowed, rpm, tpm, count, used, reset_req, reset_tok,
+                         entry if allowed or held is not None else "")
 
     async def settle(self, key_id: str, *, entry: str, actual_tokens: int) -> None:
         """Correct a reservation to the tokens actually used (a no-op once it has left the window)."""

@@ -22,12 +22,14 @@ from veil.errors import ServiceUnavailable
 
 log = logging.getLogger("veil.admin.ratelimit")
 
-# KEYS: req zset, tok hash, sum. ARGV: rpm (-1 = none), tpm (-1 = none), tokens, entry id, window µs.
-# Returns {allowed, count, used, µs until a request frees, µs until tokens free}; counts are after admission.
+# KEYS: req zset, tok hash, sum. ARGV: rpm (-1 = none), tpm (-1 = none), tokens, entry id, window µs, grow (0/1).
+# grow = 1 raises an entry already in the window to `tokens` (tpm checked; it is already counted as a request).
+# Returns {allowed, count, used, µs until a request frees, µs until tokens free, held}; counts are after admission;
+# held = 1 when the entry is (still) in the window.
 _ACQUIRE = """
 local z, h, s = KEYS[1], KEYS[2], KEYS[3]
 local rpm, tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local entry, window = ARGV[4], tonumber(ARGV[5])
+local entry, window, grow = ARGV[4], tonumber(ARGV[5]), ARGV[6] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local used = redis.call('GET', s)
@@ -44,19 +46,36 @@ for i = 1, #old do
 end
 if #old > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now - window) end
 local count = redis.call('ZCARD', z)
-local allowed = (rpm < 0 or count + 1 <= rpm) and (tpm < 0 or used + tokens <= tpm)
-if allowed then
-  local ttl = math.ceil(window / 1000) + 1
-  redis.call('ZADD', z, now, entry)
-  redis.call('HSET', h, entry, tokens)
-  count, used = count + 1, used + tokens
-  redis.call('SET', s, used, 'PX', ttl)
-  redis.call('PEXPIRE', z, ttl)
-  redis.call('PEXPIRE', h, ttl)
-elseif count == 0 then
-  redis.call('DEL', s, h)
-elseif #old > 0 then
-  redis.call('SET', s, used, 'KEEPTTL')
+local ttl = math.ceil(window / 1000) + 1
+local prev = nil
+if grow then prev = redis.call('HGET', h, entry) end
+local allowed, need
+if prev then
+  prev = tonumber(prev)
+  need = tokens - prev
+  allowed = tpm < 0 or used + need <= tpm
+  if allowed then
+    redis.call('HSET', h, entry, tokens)
+    used = used + need
+    redis.call('SET', s, used, 'PX', ttl)
+  elseif #old > 0 then
+    redis.call('SET', s, used, 'KEEPTTL')
+  end
+else
+  need = tokens
+  allowed = (rpm < 0 or count + 1 <= rpm) and (tpm < 0 or used + tokens <= tpm)
+  if allowed then
+    redis.call('ZADD', z, now, entry)
+    redis.call('HSET', h, entry, tokens)
+    count, used = count + 1, used + tokens
+    redis.call('SET', s, used, 'PX', ttl)
+    redis.call('PEXPIRE', z, ttl)
+    redis.call('PEXPIRE', h, ttl)
+  elseif count == 0 then
+    redis.call('DEL', s, h)
+  elseif #old > 0 then
+    redis.call('SET', s, used, 'KEEPTTL')
+  end
 end
 local function free_in(excess, by_tokens)
   if excess <= 0 then return 0 end
@@ -78,8 +97,8 @@ local function free_in(excess, by_tokens)
 end
 local ex_req, ex_tok = 0, 0
 if rpm >= 0 then ex_req = count + 1 - rpm end
-if tpm >= 0 then ex_tok = used + (allowed and 1 or tokens) - tpm end
-return {allowed and 1 or 0, count, used, free_in(ex_req, false), free_in(ex_tok, true)}
+if tpm >= 0 then ex_tok = used + (allowed and 1 or need) - tpm end
+return {allowed and 1 or 0, count, used, free_in(ex_req, false), free_in(ex_tok, true), (allowed or prev) and 1 or 0}
 """
 
 # KEYS: tok hash, sum. ARGV: entry id, actual tokens. A no-op once the entry has left the window.
@@ -122,19 +141,27 @@ class RedisRateLimiter:
     async def acquire(self, key_id: str, *, rpm: int | None, tpm: int | None, tokens: int) -> RateDecision:
         """Admit the request and reserve `tokens` under a new entry id, or reject it and record nothing; one
         round trip."""
-        entry = new_entry_id()
+        return await self._run(key_id, rpm, tpm, tokens, new_entry_id(), grow=False)
+
+    async def reserve(self, key_id: str, *, entry: str, rpm: int | None, tpm: int | None,
+                      tokens: int) -> RateDecision:
+        """Raise the admitted `entry` to `tokens` if tpm leaves room (see MemoryRateLimiter.reserve)."""
+        return await self._run(key_id, rpm, tpm, tokens, entry, grow=True)
+
+    async def _run(self, key_id: str, rpm: int | None, tpm: int | None, tokens: int, entry: str, *,
+                   grow: bool) -> RateDecision:
         args: list[int | str] = [-1 if rpm is None else max(0, rpm), -1 if tpm is None else max(0, tpm), max(0, tokens),
-                entry, round(self.window_s * 1_000_000)]
+                entry, round(self.window_s * 1_000_000), 1 if grow else 0]
         try:
-            allowed, count, used, req_us, tok_us = await self._acquire(keys=_keys(key_id), args=args)
+            allowed, count, used, req_us, tok_us, held = await self._acquire(keys=_keys(key_id), args=args)
         except (RedisError, OSError) as exc:
             self._warn(exc, key_id)
             if self.fail_open:
-                return RateDecision(True, rpm, None, 0.0, tpm, None, 0.0, 0.0)
+                return RateDecision(True, rpm, None, 0.0, tpm, None, 0.0, 0.0, entry)
             raise ServiceUnavailable("rate limiter unavailable: Redis is unreachable",
                                      code="rate_limiter_unavailable") from exc
         return _decision(bool(allowed), rpm, tpm, int(count), int(used), int(req_us) / 1e6, int(tok_us) / 1e6,
-                         entry if allowed else "")
+                         entry if held else "")
 
     async def settle(self, key_id: str, *, entry: str, actual_tokens: int) -> None:
         """Correct a reservation to the tokens actually used; on a Redis failure, log and keep the reservation."""

@@ -18,15 +18,17 @@ from admin.plane import PolicyPlane, build_plane
 from admin.principal import Principal, Scope
 from admin.ratelimit import rate_limit_headers
 from edge_proxy import openai_shapes as shapes
+from edge_proxy.admission import SessionShare
 from edge_proxy.core_client import CoreTransport, transport_from_settings
 from edge_proxy.edge_model import EdgeModel
-from edge_proxy.gatekeeper import Gatekeeper
+from edge_proxy.gatekeeper import Admission, Gatekeeper
 from edge_proxy.generate import Engine
 from edge_proxy.metrics import EdgeMetrics
+from edge_proxy.openapi_chat import ChatOperation
 from edge_proxy.prepare import prepare
 from edge_proxy.respond import ChatResponder
 from edge_proxy.schemas import parse_chat_request
-from veil.errors import NotFound, VeilError
+from veil.errors import NotFound, PayloadTooLarge, VeilError
 from veil.http import EXCEPTION_HANDLERS
 from veil.settings import Settings
 
@@ -83,22 +85,44 @@ async def get_model(request: Request, model_id: str, state: EdgeState) -> dict[s
     return _model_object(state)
 
 
-@post("/v1/chat/completions", status_code=200)
+def _check_declared_size(request: Request, limit: int) -> None:
+    """A body declared over the limit is refused before anything is spent on it (the read enforces it too)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
+
+
+@post("/v1/chat/completions", status_code=200, operation_class=ChatOperation,
+      summary="Create a chat completion (OpenAI-compatible)")
 async def chat_completions(request: Request[Any, Any, EdgeState], state: EdgeState) -> Response[Any]:
     started, rid = time.perf_counter(), _request_id(request)
-    # guard: who asks, and is the request well-formed
+    # guard: who asks; then the cheap admission (rpm, a core session) before the body is even read
     principal = await _principal(request, state, Scope.GENERATE)
-    chat = parse_chat_request(await request.body(), state.model.vocab_size)
+    _check_declared_size(request, state.settings.edge.max_request_bytes)
+    admission = await state.gate.admit(principal, rid)
+    try:
+        return await _chat(request, state, admission, rid, started)
+    except BaseException:
+        with anyio.CancelScope(shield=True):  # refused before it ran (or the client left): free what it holds
+            await state.gate.release(admission, 0)
+        raise
+
+
+async def _chat(request: Request[Any, Any, EdgeState], state: EdgeState, admission: Admission, rid: str,
+                started: float) -> Response[Any]:
+    # parse off the event loop: the body may be megabytes of JSON
+    body = await request.body()
+    chat = await anyio.to_thread.run_sync(parse_chat_request, body, state.model.vocab_size)
     _check_model(state, chat.model)
     await state.engine.connect()
-    # prepare: policy, template and budget; then reserve the worst case against the key's limits
-    gen = await prepare(state.gate, state.engine, state.model, state.settings.privacy, principal, chat, rid, started)
-    decision = await state.gate.admit(principal, gen.prompt_tokens + gen.max_new_tokens, rid)
-    gen.reservation = decision.entry
-    # run and respond; the responder settles the reservation however the request ends
+    # prepare: policy, template and budget; then reserve the worst case against the key's tpm
+    gen = await prepare(state.gate, state.engine, state.model, state.settings.privacy, admission.principal, chat,
+                        rid, started)
+    await state.gate.reserve(admission, gen.prompt_tokens + gen.max_new_tokens, rid)
+    # run and respond; from here the responder releases the admission however the request ends
     ids = shapes.ChatIds(f"chatcmpl-{secrets.token_hex(12)}", chat.model, f"fp_veil_{state.model.spec.bundle_id[:8]}")
-    headers = {"x-request-id": rid, **rate_limit_headers(decision)}
-    responder = ChatResponder(state.engine, state.gate, state.metrics, principal, chat, gen, ids, headers)
+    headers = {"x-request-id": rid, **rate_limit_headers(admission.decision)}
+    responder = ChatResponder(state.engine, state.gate, state.metrics, admission, chat, gen, ids, headers)
     return await responder.respond()
 
 
@@ -120,6 +144,12 @@ async def metrics(request: Request, state: EdgeState) -> Response[bytes]:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def _sessions(settings: Settings) -> SessionShare:
+    e = settings.edge
+    return SessionShare(e.max_sessions, per_key=e.max_concurrent_per_key or None, share=e.key_session_share,
+                        wait_s=e.admission_wait_seconds)
+
+
 def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None = None,
                plane: PolicyPlane | None = None) -> Litestar:
     """The edge app; `core` defaults to the sealed transport to `edge.core_url` (tests may pass another)."""
@@ -129,7 +159,7 @@ def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None 
     engine = Engine(model, transport, edge_metrics, settings.edge.default_max_tokens)
     state = EdgeState({"settings": settings, "model": model, "core": transport, "engine": engine,
                        "metrics": edge_metrics, "plane": plane,
-                       "gate": Gatekeeper(plane, edge_metrics, settings.privacy.ner_model),
+                       "gate": Gatekeeper(plane, edge_metrics, _sessions(settings), settings.privacy.ner_model),
                        "auth": plane.auth, "policy": plane.policy, "audit": plane.audit})
 
     async def on_startup(app: Litestar) -> None:

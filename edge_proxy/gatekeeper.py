@@ -1,4 +1,10 @@
-"""The policy stages of a request at the edge: auth -> scope -> guardrails -> span protection -> rate limit.
+"""The policy stages of a request at the edge: auth -> scope -> admission -> guardrails -> span protection ->
+token reservation.
+
+Admission is the cheap part that runs before the body is read: the request counts toward the key's rpm
+(so malformed, over-context and refused requests count too) and takes one of this edge's core sessions
+(edge_proxy/admission.py). Once the prompt is tokenized, `reserve` adds its worst-case tokens against tpm;
+`release` settles them to the real usage and frees the session, once, however the request ends.
 
 Output rules run inside the reply's text pipeline (edge_proxy/reply_text.py); their blocks are
 recorded here once the request ends.
@@ -8,6 +14,7 @@ Every rejection is counted (by key id or reason, never by secret) and written to
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from admin.auth import require
@@ -15,16 +22,29 @@ from admin.guardrails import Guardrails, OutputGate
 from admin.plane import PolicyPlane
 from admin.principal import Principal, Scope
 from admin.ratelimit import RateDecision, rate_limit_headers
+from edge_proxy.admission import SessionShare
 from edge_proxy.metrics import EdgeMetrics
 from edge_proxy.spans.detect import SpanDetector
 from edge_proxy.spans.protect import ProtectedPrompt, protect
-from veil.errors import AuthenticationFailed, PermissionDenied, PolicyViolation, RateLimited
+from veil.errors import AuthenticationFailed, PermissionDenied, PolicyViolation, RateLimited, ServiceUnavailable
+
+
+@dataclasses.dataclass(slots=True)
+class Admission:
+    """One request's hold on its key's limits: a counted request (the limiter's entry) and a core session."""
+
+    principal: Principal
+    entry: str
+    decision: RateDecision  # the latest decision: its x-ratelimit-* headers go on the response
+    released: bool = False
 
 
 class Gatekeeper:
-    def __init__(self, plane: PolicyPlane, metrics: EdgeMetrics, ner_model: str = ""):
-        self.plane, self.metrics, self.ner_model = plane, metrics, ner_model
+    def __init__(self, plane: PolicyPlane, metrics: EdgeMetrics, sessions: SessionShare, ner_model: str = ""):
+        self.plane, self.metrics, self.sessions, self.ner_model = plane, metrics, sessions, ner_model
         self._detector: tuple[Guardrails, SpanDetector] | None = None
+        metrics.sessions_held.set_function(lambda: sessions.total)
+        metrics.sessions_waiting.set_function(lambda: sessions.waiting)
 
     def detector(self) -> SpanDetector:
         """The protect rules of the current policy version, compiled once per version."""
@@ -56,22 +76,47 @@ class Gatekeeper:
             raise
         return principal
 
-    async def admit(self, principal: Principal, tokens: int, rid: str) -> RateDecision:
-        """Reserve a request and its worst-case tokens against the key's per-minute limits (429 if over)."""
-        decision = await self.plane.limiter.acquire(principal.key_id, rpm=principal.rpm, tpm=principal.tpm,
+    async def admit(self, principal: Principal, rid: str) -> Admission:
+        """Count the request against rpm, then hold a core session for it (429 over a limit, 503 when every
+        session stays busy). Runs before the body is read, so it is cheap whatever the client sends."""
+        decision = await self.plane.limiter.acquire(principal.key_id, rpm=principal.rpm, tpm=principal.tpm, tokens=0)
+        if not decision.allowed:
+            self._refuse(principal, rid, decision, "requests" if decision.remaining_requests == 0 else "tokens")
+        try:
+            await self.sessions.take(principal.key_id, principal.max_concurrent)
+        except RateLimited:
+            self.metrics.rate_limited.labels(limit="concurrency").inc()
+            self._audit("ratelimit.reject", actor=principal.key_id, request_id=rid, limit="concurrency")
+            raise
+        except ServiceUnavailable:
+            self.metrics.sessions_busy.inc()
+            raise
+        return Admission(principal, decision.entry, decision)
+
+    async def reserve(self, admission: Admission, tokens: int, rid: str) -> None:
+        """Add the request's worst-case tokens (prompt + max new) to its entry, against tpm (429 if over)."""
+        p = admission.principal
+        decision = await self.plane.limiter.reserve(p.key_id, entry=admission.entry, rpm=p.rpm, tpm=p.tpm,
                                                     tokens=tokens)
-        if decision.allowed:
-            return decision
-        which = "requests" if decision.remaining_requests == 0 else "tokens"
+        if not decision.allowed:
+            self._refuse(p, rid, decision, "tokens")
+        admission.decision = decision
+        admission.entry = decision.entry or admission.entry
+
+    async def release(self, admission: Admission, tokens: int) -> None:
+        """Free the session and correct the entry to the tokens really used; only the first call counts."""
+        if admission.released:
+            return
+        admission.released = True
+        self.sessions.give(admission.principal.key_id)
+        await self.plane.limiter.settle(admission.principal.key_id, entry=admission.entry, actual_tokens=tokens)
+
+    def _refuse(self, principal: Principal, rid: str, decision: RateDecision, which: str) -> None:
         self.metrics.rate_limited.labels(limit=which).inc()
         self._audit("ratelimit.reject", actor=principal.key_id, request_id=rid, limit=which)
         raise RateLimited(f"rate limit reached for {which} per minute on key {principal.key_id}; "
                           f"retry after {decision.retry_after_s:.1f}s", code="rate_limit_exceeded",
                           headers=rate_limit_headers(decision))
-
-    async def settle(self, principal: Principal, entry: str, tokens: int) -> None:
-        """Correct the reservation `entry` (the admitting decision's) to what the request really used."""
-        await self.plane.limiter.settle(principal.key_id, entry=entry, actual_tokens=tokens)
 
     def output_gate(self) -> OutputGate | None:
         """The output rules of the current policy, for one reply's text pipeline (None if there are none)."""

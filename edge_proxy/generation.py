@@ -33,7 +33,6 @@ class Generation:
     span_noise: SpanNoise | None = None
     restorer: PlaceholderRestorer | None = None  # puts protected spans back into the reply
     output_gate: OutputGate | None = None  # output guardrails
-    reservation: str = ""  # the rate limiter's entry for this request, set at admission
     status: Status = Status.WAITING
     output_ids: list[int] = dataclasses.field(default_factory=list)  # every sampled token, EOS included
     finish_reason: str | None = None  # stop, length or content_filter

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5)
 
@@ -24,7 +24,14 @@ class EdgeMetrics:
         # no series is labelled by key id or JWT subject: who was refused is in the audit log, not in /metrics
         self.permission_denied = Counter("veil_edge_permission_denied_total", "403s by the scope that was missing",
                                          ["scope"], registry=r)
-        self.rate_limited = Counter("veil_edge_rate_limited_total", "429s by limit", ["limit"], registry=r)
+        self.rate_limited = Counter("veil_edge_rate_limited_total", "429s by limit (requests, tokens, concurrency)",
+                                    ["limit"], registry=r)
+        self.sessions_busy = Counter("veil_edge_sessions_busy_total",
+                                     "503s: no core session of this edge freed within admission_wait_seconds",
+                                     registry=r)
+        self.sessions_held = Gauge("veil_edge_sessions_held", "Core sessions held by requests now", registry=r)
+        self.sessions_waiting = Gauge("veil_edge_sessions_waiting", "Requests waiting for a core session",
+                                      registry=r)
         self.policy_blocks = Counter("veil_edge_policy_blocks_total", "Guardrail blocks by rule", ["rule"], registry=r)
         self.protected_spans = Counter("veil_edge_protected_spans_total",
                                        "Prompt spans kept at the edge by protect rules, by placeholder type and mode",

@@ -23,16 +23,16 @@ from veil.settings import PrivacySettings
 
 async def prepare(gate: Gatekeeper, engine: Engine, model: EdgeModel, privacy: PrivacySettings,
                   principal: Principal, chat: ChatRequest, rid: str, started_at: float) -> Generation:
-    messages = gate.guard_prompt(principal, chat.messages, rid) or chat.messages
-
-    def protect_and_render() -> tuple[ProtectedPrompt | None, list[int], frozenset[int]]:
+    def guard_protect_render() -> tuple[ProtectedPrompt | None, list[int], frozenset[int]]:
+        messages = gate.guard_prompt(principal, chat.messages, rid) or chat.messages
         protected = gate.protect_prompt(principal, messages, rid)
         if protected is None:
             return None, *render_with_positions(model.tokenizer, messages, [])
         return protected, *render_with_positions(model.tokenizer, protected.messages, protected.noisy)
 
-    # span detection and tokenizing are CPU work: one hop off the event loop for both
-    protected, prompt_ids, positions = await anyio.to_thread.run_sync(protect_and_render)
+    # guardrail regexes, span detection and tokenizing are CPU work on up to megabytes of text:
+    # one hop off the event loop for all three
+    protected, prompt_ids, positions = await anyio.to_thread.run_sync(guard_protect_render)
     rho = privacy.noise_rho if principal.noise_rho is None else principal.noise_rho
     return Generation(
         request_id=rid,

@@ -1,7 +1,8 @@
 """Run a prepared Generation and answer it: one chat.completion object, or an SSE stream of chunks.
 
-Whatever way a request ends (done, refused by the core, client gone), `_settle` runs once:
-the rate-limit reservation is corrected to the real usage, metrics and the log line written.
+Whatever way a request ends (done, refused by the core, client gone), `_settle` runs once: the
+admission is released (its core session freed, its tokens corrected to the real usage), metrics and the
+log line written.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import anyio
 from litestar import Response
 from litestar.response import Stream
 
-from admin.principal import Principal
 from edge_proxy import openai_shapes as shapes
 from edge_proxy import sse
-from edge_proxy.gatekeeper import Gatekeeper
+from edge_proxy.gatekeeper import Admission, Gatekeeper
 from edge_proxy.generate import Engine
 from edge_proxy.generation import Generation
 from edge_proxy.metrics import EdgeMetrics
@@ -27,9 +27,9 @@ log = logging.getLogger("veil.edge")
 
 
 class ChatResponder:
-    def __init__(self, engine: Engine, gate: Gatekeeper, metrics: EdgeMetrics, principal: Principal,
+    def __init__(self, engine: Engine, gate: Gatekeeper, metrics: EdgeMetrics, admission: Admission,
                  chat: ChatRequest, gen: Generation, ids: shapes.ChatIds, headers: dict[str, str]):
-        self.gate, self.metrics, self.principal = gate, metrics, principal
+        self.gate, self.metrics, self.admission, self.principal = gate, metrics, admission, admission.principal
         self.chat, self.gen, self.ids, self.headers = chat, gen, ids, headers
         self.deltas = engine.run(gen)
         self._settled = False
@@ -57,7 +57,15 @@ class ChatResponder:
         except VeilError as exc:
             await self._settle(str(exc.status_code))
             raise
-        return Stream(self._events(first), media_type="text/event-stream", headers={**self.headers, **sse.HEADERS})
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._settle("disconnected")
+            raise
+        # Start the event generator here: a started generator's `finally` runs even if the stream is never
+        # sent (it is closed when dropped), so the admission is released whatever happens to the response.
+        events = self._events(first)
+        head = await anext(events)
+        return Stream(_prepend(head, events), media_type="text/event-stream", headers={**self.headers, **sse.HEADERS})
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         return sse.event(shapes.chunk(self.ids, delta, finish_reason, self.chat.include_usage))
@@ -90,7 +98,7 @@ class ChatResponder:
             return
         self._settled = True
         gen, m = self.gen, self.metrics
-        await self.gate.settle(self.principal, gen.reservation, gen.total_tokens)
+        await self.gate.release(self.admission, gen.total_tokens)
         if gen.blocked_rule is not None:
             self.gate.blocked(self.principal, gen.blocked_rule, gen.request_id, "output")
         if gen.restorer is not None:
@@ -106,3 +114,12 @@ class ChatResponder:
                  "ttft_ms=%.1f total_ms=%.1f", gen.request_id, status, self.chat.stream, gen.prompt_tokens,
                  gen.completion_tokens, gen.finish_reason, (ttft if ttft is not None else elapsed) * 1000,
                  elapsed * 1000)
+
+
+async def _prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield head
+    try:
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]

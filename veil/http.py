@@ -18,10 +18,16 @@ def json_error(exc: VeilError, headers: dict[str, str] | None = None) -> Respons
                     media_type="application/json")
 
 
+def _correlation(request: Request) -> dict[str, str]:
+    """The request id the route settled on (the client's, if well-formed), echoed on errors too."""
+    rid = request.scope.get("state", {}).get("request_id")
+    return {"x-request-id": rid} if isinstance(rid, str) else {}
+
+
 def _veil_handler(request: Request, exc: VeilError) -> Response[Any]:
     if exc.status_code >= 500:
         log.warning("request failed path=%s status=%d code=%s", request.url.path, exc.status_code, exc.code)
-    return json_error(exc, exc.headers)
+    return json_error(exc, {**exc.headers, **_correlation(request)})
 
 
 def _http_handler(request: Request, exc: HTTPException) -> Response[Any]:
@@ -34,7 +40,8 @@ def _http_handler(request: Request, exc: HTTPException) -> Response[Any]:
         problems = [f"{e.get('message')} at {e.get('key')}" for e in exc.extra if isinstance(e, dict)]
         detail = f"{detail}: {'; '.join(problems)}" if problems else detail
     err = from_status(exc.status_code, str(detail))
-    return Response(content=err.to_openai(), status_code=exc.status_code, media_type="application/json")
+    return Response(content=err.to_openai(), status_code=exc.status_code, media_type="application/json",
+                    headers=_correlation(request))
 
 
 def _unexpected_handler(request: Request, exc: Exception) -> Response[Any]:

@@ -49,6 +49,10 @@ class EdgeSettings:
     default_max_tokens: int = 0  # 0 = up to the context limit
     max_request_bytes: int = 4 * 1024 * 1024
     threads: int = 0  # torch threads for embedding/LM head; 0 = torch default
+    max_sessions: int = 64  # core sessions this edge may hold at once: its quota at the core (allowed_edges.yaml)
+    max_concurrent_per_key: int = 0  # concurrent generations per key unless the key sets its own; 0 = no cap
+    key_session_share: float = 0.5  # most of max_sessions one key takes while another key wants some
+    admission_wait_seconds: float = 30.0  # how long a request waits for a free session before a 503
 
 
 @dataclasses.dataclass(slots=True)
@@ -145,6 +149,11 @@ class Settings:
         for port in (self.edge.port, self.core.port, self.core.metrics_port):
             if not 0 <= port <= 65535:
                 raise ConfigError(f"port {port} is out of range 0..65535")
+        e = self.edge
+        if e.max_sessions < 1 or e.max_concurrent_per_key < 0 or not 0 < e.key_session_share <= 1 \
+                or e.admission_wait_seconds < 0:
+            raise ConfigError("edge.max_sessions must be >= 1, edge.max_concurrent_per_key >= 0, "
+                              "edge.key_session_share in (0, 1] and edge.admission_wait_seconds >= 0")
         if self.core.max_sessions < 1 or self.core.max_tokens_per_session < 1:
             raise ConfigError("core.max_sessions and core.max_tokens_per_session must be >= 1")
         if self.core.max_result_rows < 1 or self.core.max_queued_steps < 1 or self.core.kv_budget_bytes < 0:

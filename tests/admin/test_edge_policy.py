@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -139,6 +141,88 @@ def test_token_limit_reserves_max_tokens_then_counts_actual_usage(cluster) -> No
     with pytest.raises(openai.RateLimitError) as exc:
         _chat(client, max_tokens=200)
     assert "tokens" in exc.value.message
+
+
+def test_malformed_over_context_and_refused_requests_count_toward_rpm(cluster) -> None:
+    """They used to cost nothing: the limiter was consulted only after parsing and tokenizing."""
+    edge = cluster["edges"][0]
+    _, secret = _new_key(edge, rpm=3)
+    auth = {"authorization": f"Bearer {secret}", "content-type": "application/json"}
+    r = httpx.post(edge.url + "/v1/chat/completions", content=b"{not json", headers=auth, timeout=30)
+    assert r.status_code == 400 and r.headers["x-request-id"]
+    with pytest.raises(openai.BadRequestError) as exc:
+        _chat(_client(edge, secret), max_tokens=100_000)
+    assert exc.value.code == "context_length_exceeded"
+    _chat(_client(edge, secret))
+    with pytest.raises(openai.RateLimitError) as limited:
+        _chat(_client(edge, secret))
+    assert limited.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def _long_stream(client: openai.OpenAI):
+    """A stream that holds its core session for a few seconds: EOS is forbidden, so it runs to max_tokens."""
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True,
+                                          max_tokens=400, logit_bias={"2": -100})
+
+
+def _until_ok(fn, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return fn()
+        except (openai.RateLimitError, openai.InternalServerError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_a_key_over_its_concurrency_cap_gets_429_until_its_stream_ends(cluster) -> None:
+    edge = cluster["edges"][0]
+    key_id, secret = _new_key(edge, max_concurrent=1)
+    client = _client(edge, secret)
+    stream = _long_stream(client)
+    assert next(iter(stream)).choices[0].delta.role == "assistant"
+    with pytest.raises(openai.RateLimitError) as exc:
+        _chat(client)
+    assert exc.value.code == "concurrency_limit_exceeded" and exc.value.response.headers["retry-after"] == "1"
+    _chat(_client(edge, _new_key(edge)[1]))  # other keys are not held back
+    stream.close()  # the edge frees the session when it sees the client leave
+    _until_ok(lambda: _chat(client))
+    assert 'veil_edge_rate_limited_total{limit="concurrency"}' in _metrics(edge)
+    assert _admin(edge, "PATCH", f"/admin/v1/keys/{key_id}/limits", {"max_concurrent": None}).json()[
+        "max_concurrent"] is None
+
+
+@pytest.fixture(scope="module")
+def one_session_edge(cluster):
+    """A third replica whose quota at the core is a single session, with a short admission wait."""
+    port = free_port()
+    edge = Server("edge", base_env(cluster["tmp"], VEIL_EDGE_PORT=str(port), VEIL_EDGE_MAX_SESSIONS="1",
+                                   VEIL_EDGE_ADMISSION_WAIT_SECONDS="0.5", **cluster["env"]),
+                  port, cluster["tmp"] / "edge-one-session.log").wait_ready()
+    yield edge
+    edge.stop()
+
+
+def test_when_every_session_stays_busy_the_next_request_gets_503_and_all_are_freed(one_session_edge) -> None:
+    edge = one_session_edge
+    a, b = _client(edge, _new_key(edge)[1]), _client(edge, _new_key(edge)[1])
+    stream = _long_stream(a)
+    next(iter(stream))
+    with pytest.raises(openai.InternalServerError) as exc:
+        _chat(b)
+    assert exc.value.status_code == 503 and exc.value.code == "server_busy"
+    assert exc.value.response.headers["retry-after"] == "1"
+    served: list = []
+    waiter = threading.Thread(target=lambda: served.append(_until_ok(lambda: _chat(b), timeout_s=180)))
+    waiter.start()
+    for _ in stream:  # drain: the session frees at the end, and the waiting client gets it
+        pass
+    waiter.join(timeout=200)
+    assert served and served[0].choices[0].message.content is not None
+    metrics = _metrics(edge)
+    assert float(re.search(r"^veil_edge_sessions_busy_total (\S+)$", metrics, re.M).group(1)) >= 1
+    assert "veil_edge_sessions_held 0.0" in metrics and "veil_edge_sessions_waiting 0.0" in metrics
 
 
 def test_revoking_through_one_replica_is_401_on_the_other(cluster) -> None:

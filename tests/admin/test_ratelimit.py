@@ -284,3 +284,35 @@ def test_memory_limiter_forgets_idle_keys() -> None:
         await rl.acquire("busy", rpm=1, tpm=None, tokens=1)
     run(rl, body)
     assert set(rl._logs) == {"busy"}
+
+
+def test_reserve_adds_tokens_to_a_counted_request(make: Callable[..., RateLimiter], kid: str) -> None:
+    """The edge counts a request before reading its body (0 tokens), then reserves its worst case: a refused
+    reservation keeps the request counted, so over-limit prompts still use up rpm."""
+    async def body(rl: RateLimiter) -> None:
+        a = await rl.acquire(kid, rpm=3, tpm=100, tokens=0)
+        assert a.allowed and (a.remaining_requests, a.remaining_tokens) == (2, 100)
+        r = await rl.reserve(kid, entry=a.entry, rpm=3, tpm=100, tokens=60)
+        assert r.allowed and r.entry == a.entry and (r.remaining_requests, r.remaining_tokens) == (2, 40)
+        b = await rl.acquire(kid, rpm=3, tpm=100, tokens=0)
+        refused = await rl.reserve(kid, entry=b.entry, rpm=3, tpm=100, tokens=50)
+        assert not refused.allowed and refused.retry_after_s > 0 and refused.remaining_tokens == 40
+        assert (await rl.reserve(kid, entry=b.entry, rpm=3, tpm=100, tokens=40)).allowed  # it still fits smaller
+        await rl.settle(kid, entry=a.entry, actual_tokens=10)  # a used 10 of its 60
+        c = await rl.acquire(kid, rpm=3, tpm=100, tokens=0)
+        assert c.allowed and c.remaining_requests == 0 and c.remaining_tokens == 50
+        assert not (await rl.acquire(kid, rpm=3, tpm=100, tokens=0)).allowed  # the refused one counted
+        # lowering a reservation always fits
+        assert (await rl.reserve(kid, entry=b.entry, rpm=3, tpm=100, tokens=5)).remaining_tokens == 85
+    run(make(), body)
+
+
+def test_reserve_of_an_entry_gone_from_the_window_admits_it_afresh(make: Callable[..., RateLimiter],
+                                                                   kid: str) -> None:
+    async def body(rl: RateLimiter) -> None:
+        a = await rl.acquire(kid, rpm=1, tpm=100, tokens=0)
+        await asyncio.sleep(0.3)
+        r = await rl.reserve(kid, entry=a.entry, rpm=1, tpm=100, tokens=30)
+        assert r.allowed and r.remaining_requests == 0 and r.remaining_tokens == 70
+        assert not (await rl.reserve(kid, entry="never-admitted", rpm=1, tpm=100, tokens=1)).allowed
+    run(make(0.2), body)

@@ -1,0 +1,179 @@
+"""The chat-completions operation in the OpenAPI document: the request and response schemas, with their bounds.
+
+The route parses its body by hand (edge_proxy/schemas.py) so every fault gets OpenAI's error shape and the
+param it concerns; these schemas describe the same contract for SDK generators and fuzzers, built from the
+same constants, and tests/edge_proxy/test_openapi.py checks that requests drawn from them are answered the way
+the schema says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from litestar.openapi.spec import Operation, RequestBody
+from litestar.openapi.spec.media_type import OpenAPIMediaType
+from litestar.openapi.spec.response import OpenAPIResponse
+
+from edge_proxy.schemas import MAX_CONTENT_PARTS, MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOPS
+
+_NUMBER_OR_NULL = ["number", "null"]
+_INT_OR_NULL = ["integer", "null"]
+
+
+def _bounded(low: float, high: float, about: str) -> dict[str, Any]:
+    return {"type": _NUMBER_OR_NULL, "minimum": low, "maximum": high, "description": about}
+
+
+_TEXT_PART = {
+    "type": "object", "required": ["type", "text"], "additionalProperties": False,
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+}
+_REFUSAL_PART = {
+    "type": "object", "required": ["type", "refusal"], "additionalProperties": False,
+    "properties": {"type": {"const": "refusal"}, "refusal": {"type": "string"}},
+}
+_CONTENT_PARTS = {"type": "array", "maxItems": MAX_CONTENT_PARTS, "items": {"oneOf": [_TEXT_PART, _REFUSAL_PART]}}
+
+
+def _message(roles: list[str], content_required: bool) -> dict[str, Any]:
+    content: dict[str, Any] = {"anyOf": [{"type": "string"}, _CONTENT_PARTS] + ([] if content_required
+                                                                               else [{"type": "null"}])}
+    return {
+        "type": "object",
+        "required": ["role", "content"] if content_required else ["role"],
+        "properties": {"role": {"enum": roles}, "content": content, "name": {"type": "string"}},
+    }
+
+
+CHAT_REQUEST: dict[str, Any] = {
+    "title": "ChatCompletionRequest",
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1, "description": "the id from /v1/models"},
+        "messages": {
+            "type": "array", "minItems": 1, "maxItems": MAX_MESSAGES,
+            "items": {"anyOf": [_message(["system", "developer", "user"], True), _message(["assistant"], False)]},
+        },
+        "temperature": _bounded(0, 2, "0 = greedy"),
+        "top_p": _bounded(0, 1, "nucleus sampling"),
+        "presence_penalty": _bounded(-2, 2, "OpenAI's presence penalty"),
+        "frequency_penalty": _bounded(-2, 2, "OpenAI's frequency penalty"),
+        "seed": {"type": _INT_OR_NULL, "minimum": -(2**63), "maximum": 2**63 - 1,
+                 "description": "the same seed and parameters give the same sampled reply"},
+        "max_tokens": {"type": _INT_OR_NULL, "minimum": 1,
+                       "description": "new tokens at most; prompt + max_tokens must fit the context (else 400)"},
+        "max_completion_tokens": {"type": _INT_OR_NULL, "minimum": 1, "description": "takes precedence over max_tokens"},
+        "n": {"type": _INT_OR_NULL, "minimum": 1, "maximum": 1, "description": "only 1 is supported"},
+        "stream": {"type": ["boolean", "null"]},
+        "stream_options": {
+            "type": ["object", "null"], "description": "only with stream: true",
+            "properties": {"include_usage": {"type": "boolean"}},
+        },
+        "stop": {"anyOf": [
+            {"type": "string", "maxLength": MAX_STOP_CHARS},
+            {"type": "array", "maxItems": MAX_STOPS, "items": {"type": "string", "maxLength": MAX_STOP_CHARS}},
+            {"type": "null"},
+        ]},
+        "logit_bias": {
+            "type": ["object", "null"], "maxProperties": MAX_LOGIT_BIAS,
+            "description": "token id (a decimal string below the vocabulary size) to a bias",
+            "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        },
+        "logprobs": {"enum": [False, None], "description": "not supported yet"},
+        "response_format": {
+            "type": ["object", "null"], "required": ["type"], "properties": {"type": {"const": "text"}},
+        },
+        "user": {"type": "string"},
+    },
+}
+
+_USAGE = {
+    "type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+    "properties": {k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+}
+_FINISH = {"enum": ["stop", "length", "content_filter"]}
+_COMMON = {
+    "id": {"type": "string"}, "created": {"type": "integer"}, "model": {"type": "string"},
+    "system_fingerprint": {"type": "string"},
+}
+
+CHAT_COMPLETION: dict[str, Any] = {
+    "title": "ChatCompletion",
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        **_COMMON,
+        "object": {"const": "chat.completion"},
+        "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+            "type": "object", "required": ["index", "message", "finish_reason"],
+            "properties": {
+                "index": {"type": "integer"},
+                "message": {"type": "object", "required": ["role", "content"], "properties": {
+                    "role": {"const": "assistant"}, "content": {"type": "string"}, "refusal": {"type": "null"}}},
+                "logprobs": {"type": "null"},
+                "finish_reason": _FINISH,
+            }}},
+        "usage": _USAGE,
+    },
+}
+
+CHAT_CHUNK: dict[str, Any] = {
+    "title": "ChatCompletionChunk",
+    "description": "one `data:` line of the event stream; the stream ends with `data: [DONE]`",
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        **_COMMON,
+        "object": {"const": "chat.completion.chunk"},
+        "choices": {"type": "array", "maxItems": 1, "items": {
+            "type": "object", "required": ["index", "delta", "finish_reason"],
+            "properties": {"index": {"type": "integer"},
+                           "delta": {"type": "object", "properties": {
+                               "role": {"const": "assistant"}, "content": {"type": "string"}}},
+                           "finish_reason": {"anyOf": [_FINISH, {"type": "null"}]}}}},
+        "usage": {"anyOf": [_USAGE, {"type": "null"}]},
+    },
+}
+
+ERROR: dict[str, Any] = {
+    "title": "Error",
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {
+        "type": "object", "required": ["message", "type"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+}
+
+# every status the route answers besides 200, as OpenAI names them
+CHAT_ERRORS = {
+    400: "malformed JSON, a parameter out of range, over the context length, or blocked by a guardrail",
+    401: "no, or a wrong, API key", 403: "the key lacks the generate scope", 404: "unknown model",
+    413: "the body is over edge.max_request_bytes",
+    429: "over the key's rpm, tpm or concurrent-request limit (Retry-After, x-ratelimit-* headers)",
+    502: "the core answered something invalid", 503: "the core, Redis or a free core session is unavailable",
+    504: "the core did not answer in time",
+}
+
+
+def error_response(description: str) -> OpenAPIResponse:
+    return OpenAPIResponse(description=description,
+                           content={"application/json": OpenAPIMediaType(schema=ERROR)})  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass
+class ChatOperation(Operation):
+    """Litestar's generated operation for the route, with the real request body and responses put in."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(
+            required=True, content={"application/json": OpenAPIMediaType(schema=CHAT_REQUEST)})  # type: ignore[arg-type]
+        ok = OpenAPIResponse(description="the completion, or (stream: true) a server-sent event stream of chunks",
+                             content={"application/json": OpenAPIMediaType(schema=CHAT_COMPLETION),  # type: ignore[arg-type]
+                                      "text/event-stream": OpenAPIMediaType(
+                                          schema={"type": "string", "description": CHAT_CHUNK["description"],
+                                                  "x-chunk-schema": CHAT_CHUNK})})  # type: ignore[arg-type]
+        self.responses = {"200": ok, **{str(code): error_response(text) for code, text in CHAT_ERRORS.items()}}
