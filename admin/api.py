@@ -179,7 +179,7 @@ async def policy_export(request: Request) -> dict[str, Any]:
 @post("/policy/import", status_code=200, summary="Replace the policy with an export; a new version")
 async def policy_import(request: Request, data: dict[str, Any]) -> dict[str, Any]:
     who = await _caller(request, Scope.ADMIN)
-    version = request.app.state.policy.store.import_plain(data)
+    version = request.app.state.policy.import_policy(data)
     _audit(request, "policy.import", who, version=version)
     return {"version": version}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import threading
 import time
 from typing import Any, Callable, Protocol, TypeVar
@@ -63,6 +64,41 @@ class MemoryStore:
             draft.update(copy.deepcopy(payload))
         self.update(replace)
         return self._version
+
+
+def check_payload(payload: dict[str, Any]) -> None:
+    """A policy payload whose every key record and guardrail rule is well-formed (an import's gate)."""
+    keys, rules, settings = payload.get("keys"), payload.get("guardrails"), payload.get("settings")
+    if not isinstance(keys, dict) or not isinstance(rules, list) or not isinstance(settings, dict):
+        raise InvalidRequest("the payload needs 'keys' (an object), 'guardrails' (an array) and 'settings' (an object)")
+    for key_id, record in keys.items():
+        where = f"keys.{key_id}"
+        if not isinstance(record, dict) or record.get("id") != key_id or not isinstance(record.get("name"), str):
+            raise InvalidRequest(f"{where} must be a key record whose id is its name in 'keys'", param=where)
+        if not (isinstance(record.get("hash"), str) and re.fullmatch(r"[0-9a-f]{64}", record["hash"])):
+            raise InvalidRequest(f"{where}.hash must be a SHA-256 hex digest", param=where)
+        if not isinstance(record.get("scopes"), list):
+            raise InvalidRequest(f"{where}.scopes must be a list", param=where)
+        _check_scopes(record["scopes"])
+        for name in LIMITS:
+            _check_limit(record.get(name), f"{where}.{name}")
+        for name in ("created_at", "expires_at", "revoked_at"):
+            value = record.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise InvalidRequest(f"{where}.{name} must be a unix time or null", param=where)
+        _check_noise(record.get("noise_rho"))
+    ids = set()
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, dict):
+            raise InvalidRequest(f"guardrails[{i}] must be an object", param=f"guardrails[{i}]")
+        try:
+            checked = rule_from_dict(rule)
+        except (TypeError, AttributeError, ValueError):  # fields of the wrong type
+            raise InvalidRequest(f"guardrails[{i}] is not a guardrail rule", param=f"guardrails[{i}]") from None
+        if checked.id in ids:
+            raise InvalidRequest(f"guardrails[{i}]: the id '{checked.id}' is used twice", param=f"guardrails[{i}]")
+        ids.add(checked.id)
+    Guardrails(rule_from_dict(r) for r in rules)  # compiles every pattern, as a request would
 
 
 LIMITS = ("rpm", "tpm", "max_concurrent")  # what `set_limits` may change on a key
@@ -226,6 +262,15 @@ class PolicyService:
             payload["guardrails"].append(dataclasses.asdict(rule))
             return dataclasses.asdict(rule)
         return self.store.update(mutate)
+
+    def import_policy(self, data: Any) -> int:
+        """Replace the policy with an export, once every key and rule in it checks out (400 otherwise): a bad
+        record let in here would fail every later request."""
+        payload = data.get("payload") if isinstance(data, dict) else None
+        if not isinstance(payload, dict):
+            raise InvalidRequest('a policy import needs {"payload": ...} holding keys, guardrails and settings')
+        check_payload(payload)
+        return self.store.import_plain(data)
 
     def remove_guardrail(self, rule_id: str) -> None:
         def mutate(payload: dict) -> None:

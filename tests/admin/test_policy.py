@@ -103,3 +103,39 @@ def test_authenticator_and_scope_guards(policy: PolicyService) -> None:
     with pytest.raises(AuthenticationFailed, match="Bearer"):
         asyncio.run(_auth(on, {"authorization": f"Basic {secret}"}))
     assert asyncio.run(_auth(Authenticator(False, policy), {})) is LOCAL
+
+
+@pytest.mark.parametrize("payload", [
+    {"keys": {"abc": 5}, "guardrails": [], "settings": {}},
+    {"keys": {"abc": {"id": "other", "name": "n", "hash": "0" * 64, "scopes": ["read"]}}, "guardrails": [],
+     "settings": {}},
+    {"keys": {"abc": {"id": "abc", "name": "n", "hash": "xyz", "scopes": ["read"]}}, "guardrails": [], "settings": {}},
+    {"keys": {"abc": {"id": "abc", "name": "n", "hash": "0" * 64, "scopes": ["root"]}}, "guardrails": [],
+     "settings": {}},
+    {"keys": {"abc": {"id": "abc", "name": "n", "hash": "0" * 64, "scopes": ["read"], "rpm": -1}},
+     "guardrails": [], "settings": {}},
+    {"keys": {}, "guardrails": ["block everything"], "settings": {}},
+    {"keys": {}, "guardrails": [{"id": "x", "action": "block", "pattern": 5}], "settings": {}},
+    {"keys": {}, "guardrails": [{"id": "x", "action": "block", "pattern": "("}], "settings": {}},
+    {"keys": {}, "guardrails": [{"id": "x", "action": "block", "terms": ["a"]},
+                                {"id": "x", "action": "block", "terms": ["b"]}], "settings": {}},
+    {"keys": [], "guardrails": [], "settings": {}},
+])
+def test_an_import_with_a_malformed_record_is_refused_and_changes_nothing(payload: dict) -> None:
+    """Such a record used to be stored as it was, and every later request (auth, guardrails) failed on it."""
+    service = PolicyService(MemoryStore())
+    _, secret = service.create_key("kept", ["read"])
+    before = service.store.current()
+    with pytest.raises(InvalidRequest):
+        service.import_policy({"payload": payload})
+    assert service.store.current() == before and service.authenticate(secret).key_id
+
+
+def test_an_export_imports_back() -> None:
+    service = PolicyService(MemoryStore())
+    _, secret = service.create_key("kept", ["read", "generate"], rpm=5, max_concurrent=2)
+    service.add_guardrail({"id": "g", "action": "block", "terms": ["secret plan"]})
+    exported = service.store.export_plain()
+    other = PolicyService(MemoryStore())
+    other.import_policy(exported)
+    assert other.authenticate(secret).max_concurrent == 2 and other.list_guardrails()[0]["id"] == "g"
