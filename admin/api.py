@@ -18,12 +18,16 @@ from admin.auth import Authenticator, require
 from admin.policy import LIMITS, PolicyService
 from admin.principal import Principal, Scope
 from veil.errors import AuthenticationFailed, InvalidRequest, PermissionDenied, ServiceUnavailable
+from veil.openapi import AUTHENTICATED, WITH_BODY, WITH_PATH, documented
 
 
 class AdminState(Protocol):
     auth: Authenticator
     policy: PolicyService
     audit: AuditLog | None
+
+
+_BAD_QUERY = {400: "an invalid query parameter"}
 
 
 @dataclasses.dataclass
@@ -78,7 +82,8 @@ def _audit(request: Request, event: str, actor: Principal, **fields: Any) -> Non
         audit.record(event, actor=actor.key_id, request_id=_rid(request), **fields)
 
 
-@post("/keys", status_code=201, summary="Create an API key; the secret is shown once")
+@post("/keys", status_code=201, operation_class=documented(AUTHENTICATED, WITH_BODY),
+      summary="Create an API key; the secret is shown once")
 async def create_key(request: Request, data: KeyCreate) -> dict[str, Any]:
     who = await _caller(request, Scope.ADMIN)
     expires_at = data.expires_at
@@ -92,19 +97,20 @@ async def create_key(request: Request, data: KeyCreate) -> dict[str, Any]:
     return {"key": record, "secret": secret}
 
 
-@get("/keys", summary="List API keys (no secrets, no hashes)")
+@get("/keys", operation_class=documented(AUTHENTICATED), summary="List API keys (no secrets, no hashes)")
 async def list_keys(request: Request) -> dict[str, Any]:
     await _caller(request, Scope.ADMIN)
     return {"object": "list", "data": request.app.state.policy.list_keys()}
 
 
-@get("/keys/{key_id:str}", summary="Show one API key")
+@get("/keys/{key_id:str}", operation_class=documented(AUTHENTICATED, WITH_PATH), summary="Show one API key")
 async def get_key(request: Request, key_id: str) -> dict[str, Any]:
     await _caller(request, Scope.ADMIN)
     return request.app.state.policy.get_key(key_id)
 
 
-@post("/keys/{key_id:str}/revoke", status_code=200, summary="Revoke a key at once, on every replica")
+@post("/keys/{key_id:str}/revoke", operation_class=documented(AUTHENTICATED, WITH_PATH), status_code=200,
+      summary="Revoke a key at once, on every replica")
 async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
     who = await _caller(request, Scope.ADMIN)
     record = request.app.state.policy.revoke_key(key_id)
@@ -112,7 +118,8 @@ async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
     return record
 
 
-@post("/keys/{key_id:str}/rotate", status_code=200, summary="Replace a key's secret; the old one stops working")
+@post("/keys/{key_id:str}/rotate", operation_class=documented(AUTHENTICATED, WITH_PATH), status_code=200,
+      summary="Replace a key's secret; the old one stops working")
 async def rotate_key(request: Request, key_id: str) -> dict[str, Any]:
     who = await _caller(request, Scope.ADMIN)
     record, secret = request.app.state.policy.rotate_key(key_id)
@@ -120,7 +127,7 @@ async def rotate_key(request: Request, key_id: str) -> dict[str, Any]:
     return {"key": record, "secret": secret}
 
 
-@patch("/keys/{key_id:str}/limits",
+@patch("/keys/{key_id:str}/limits", operation_class=documented(AUTHENTICATED, WITH_BODY, WITH_PATH),
        summary="Change a key's rpm, tpm and/or max_concurrent; a limit left out stays, null = unlimited")
 async def set_limits(request: Request, key_id: str, data: dict[str, Any]) -> dict[str, Any]:
     who = await _caller(request, Scope.ADMIN)
@@ -129,13 +136,14 @@ async def set_limits(request: Request, key_id: str, data: dict[str, Any]) -> dic
     return record
 
 
-@get("/guardrails", summary="List guardrail rules")
+@get("/guardrails", operation_class=documented(AUTHENTICATED), summary="List guardrail rules")
 async def list_guardrails(request: Request) -> dict[str, Any]:
     await _caller(request, Scope.ADMIN)
     return {"object": "list", "data": request.app.state.policy.list_guardrails()}
 
 
-@post("/guardrails", status_code=201, summary="Add a guardrail rule (block, redact or protect; prompt and/or output)")
+@post("/guardrails", operation_class=documented(AUTHENTICATED, WITH_BODY), status_code=201,
+      summary="Add a guardrail rule (block, redact or protect; prompt and/or output)")
 async def add_guardrail(request: Request, data: GuardrailCreate) -> dict[str, Any]:
     who = await _caller(request, Scope.ADMIN)
     rule = request.app.state.policy.add_guardrail(dataclasses.asdict(data))
@@ -143,7 +151,8 @@ async def add_guardrail(request: Request, data: GuardrailCreate) -> dict[str, An
     return rule
 
 
-@delete("/guardrails/{rule_id:str}", status_code=204, summary="Remove a guardrail rule")
+@delete("/guardrails/{rule_id:str}", operation_class=documented(AUTHENTICATED, WITH_PATH), status_code=204,
+        summary="Remove a guardrail rule")
 async def remove_guardrail(request: Request, rule_id: str) -> None:
     who = await _caller(request, Scope.ADMIN)
     request.app.state.policy.remove_guardrail(rule_id)
@@ -157,26 +166,27 @@ def _audit_log(request: Request) -> AuditLog:
     return audit
 
 
-@get("/audit", summary="The last audit lines")
+@get("/audit", operation_class=documented(AUTHENTICATED, _BAD_QUERY), summary="The last audit lines")
 async def audit_tail(request: Request, n: int = Parameter(default=20, ge=1, le=1000)) -> dict[str, Any]:
     await _caller(request, Scope.ADMIN)
     return {"object": "list", "data": _audit_log(request).tail(n)}
 
 
-@get("/audit/verify", summary="Check the audit log's hash chain")
+@get("/audit/verify", operation_class=documented(AUTHENTICATED), summary="Check the audit log's hash chain")
 async def audit_verify(request: Request) -> dict[str, Any]:
     await _caller(request, Scope.ADMIN)
     return dataclasses.asdict(_audit_log(request).verify())
 
 
-@get("/policy/export", summary="The whole policy (keys as hashes) for backup")
+@get("/policy/export", operation_class=documented(AUTHENTICATED), summary="The whole policy (keys as hashes) for backup")
 async def policy_export(request: Request) -> dict[str, Any]:
     who = await _caller(request, Scope.ADMIN)
     _audit(request, "policy.export", who)
     return request.app.state.policy.store.export_plain()
 
 
-@post("/policy/import", status_code=200, summary="Replace the policy with an export; a new version")
+@post("/policy/import", operation_class=documented(AUTHENTICATED, WITH_BODY), status_code=200,
+      summary="Replace the policy with an export; a new version")
 async def policy_import(request: Request, data: dict[str, Any]) -> dict[str, Any]:
     who = await _caller(request, Scope.ADMIN)
     version = request.app.state.policy.import_policy(data)
@@ -184,7 +194,7 @@ async def policy_import(request: Request, data: dict[str, Any]) -> dict[str, Any
     return {"version": version}
 
 
-@get("/v1/me", summary="The calling key's id, scopes and limits")
+@get("/v1/me", operation_class=documented(AUTHENTICATED), summary="The calling key's id, scopes and limits")
 async def whoami(request: Request) -> dict[str, Any]:
     who = await _caller(request, Scope.READ)
     return {"key_id": who.key_id, "kind": who.kind, "scopes": sorted(who.scopes), "rpm": who.rpm, "tpm": who.tpm,

@@ -30,10 +30,13 @@ from edge_proxy.respond import ChatResponder
 from edge_proxy.schemas import parse_chat_request
 from veil.errors import NotFound, PayloadTooLarge, VeilError
 from veil.http import EXCEPTION_HANDLERS
+from veil.openapi import AUTHENTICATED, WITH_PATH, documented
 from veil.settings import Settings
 
 log = logging.getLogger("veil.edge")
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_CORE_DOWN = {502: "the core answered something invalid", 503: "the core is unreachable or serves another bundle",
+              504: "the core did not answer in time"}
 
 
 class EdgeState(State):
@@ -72,13 +75,14 @@ async def _principal(request: Request, state: EdgeState, scope: Scope) -> Princi
     return await state.gate.principal(request.headers, scope, _request_id(request), request.url.path)
 
 
-@get("/v1/models")
+@get("/v1/models", operation_class=documented(AUTHENTICATED), summary="List the models")
 async def list_models(request: Request, state: EdgeState) -> dict[str, Any]:
     await _principal(request, state, Scope.READ)
     return {"object": "list", "data": [_model_object(state)]}
 
 
-@get("/v1/models/{model_id:str}")
+@get("/v1/models/{model_id:str}", operation_class=documented(AUTHENTICATED, WITH_PATH),
+     summary="Show one model")
 async def get_model(request: Request, model_id: str, state: EdgeState) -> dict[str, Any]:
     await _principal(request, state, Scope.READ)
     _check_model(state, model_id)
@@ -131,13 +135,14 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz")
+@get("/readyz", operation_class=documented(_CORE_DOWN), summary="Ready: the core answers for our bundle")
 async def readyz(state: EdgeState) -> dict[str, str]:
     await state.engine.connect()
     return {"status": "ready"}
 
 
-@get("/metrics")
+@get("/metrics", media_type="text/plain", operation_class=documented(AUTHENTICATED),
+     summary="Prometheus metrics")
 async def metrics(request: Request, state: EdgeState) -> Response[bytes]:
     """Prometheus metrics, for a key with the `metrics` scope (or admin) when auth is on."""
     await _principal(request, state, Scope.METRICS)

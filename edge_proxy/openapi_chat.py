@@ -2,8 +2,8 @@
 
 The route parses its body by hand (edge_proxy/schemas.py) so every fault gets OpenAI's error shape and the
 param it concerns; these schemas describe the same contract for SDK generators and fuzzers, built from the
-same constants, and tests/edge_proxy/test_openapi.py checks that requests drawn from them are answered the way
-the schema says.
+same constants; the fuzz campaign (tests/fuzz) sends requests drawn from them and checks every answer against
+the documented statuses and bodies.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from litestar.openapi.spec.media_type import OpenAPIMediaType
 from litestar.openapi.spec.response import OpenAPIResponse
 
 from edge_proxy.schemas import MAX_CONTENT_PARTS, MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOPS
+from veil.openapi import error_response
 
 _NUMBER_OR_NULL = ["number", "null"]
 _INT_OR_NULL = ["integer", "null"]
@@ -138,30 +139,16 @@ CHAT_CHUNK: dict[str, Any] = {
     },
 }
 
-ERROR: dict[str, Any] = {
-    "title": "Error",
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {
-        "type": "object", "required": ["message", "type"],
-        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
-}
-
 # every status the route answers besides 200, as OpenAI names them
 CHAT_ERRORS = {
     400: "malformed JSON, a parameter out of range, over the context length, or blocked by a guardrail",
     401: "no, or a wrong, API key", 403: "the key lacks the generate scope", 404: "unknown model",
     413: "the body is over edge.max_request_bytes",
     429: "over the key's rpm, tpm or concurrent-request limit (Retry-After, x-ratelimit-* headers)",
-    502: "the core answered something invalid", 503: "the core, Redis or a free core session is unavailable",
+    502: "the core answered something invalid",
+    503: "the core, Redis, the policy store or a free core session is unavailable",
     504: "the core did not answer in time",
 }
-
-
-def error_response(description: str) -> OpenAPIResponse:
-    return OpenAPIResponse(description=description,
-                           content={"application/json": OpenAPIMediaType(schema=ERROR)})  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass

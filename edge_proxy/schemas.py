@@ -92,7 +92,7 @@ def _messages(body: dict) -> list[dict[str, str]]:
         if not isinstance(msg, dict):
             raise _bad(f"messages[{i}] must be an object", f"messages[{i}]")
         role = msg.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # an object or array role is unhashable
             raise _bad(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}", f"messages[{i}].role")
         if role != "assistant" and msg.get("content") is None:
             raise _bad(f"messages[{i}].content is required", f"messages[{i}].content")

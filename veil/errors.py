@@ -13,7 +13,7 @@ VeilError (500 server_error)
 ├── Unprocessable (422)         well-formed but unusable content
 ├── RateLimited (429)           a rate or capacity limit; retry later
 ├── BundleError                 a bundle is missing, tampered or mismatched
-├── PolicyStoreError            the policy store is missing, tampered, rolled back or locked
+├── PolicyStoreError (503)      the policy store is missing, tampered, rolled back or locked
 ├── ServiceUnavailable (503)    this server, or a service it needs (Redis, JWKS), is not ready
 └── CoreError (502)             the edge could not get a step done by the core; messages are the edge's own
     ├── CoreUnavailable (503)   the core is unreachable or not ready
@@ -160,8 +160,10 @@ class BundleError(VeilError):
 
 
 class PolicyStoreError(VeilError):
-    """Raised when the encrypted policy store cannot be opened, verified or written."""
+    """Raised when the encrypted policy store cannot be opened, verified or written (a 503 while serving)."""
 
+    status_code = 503
+    error_type = "server_error"
     code = "policy_store_error"
 
 

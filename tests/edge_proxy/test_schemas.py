@@ -81,3 +81,19 @@ def test_any_json_for_any_parameter_parses_or_is_a_400(fields: dict) -> None:
         parse_chat_request(raw, VOCAB)
     except InvalidRequest as exc:
         assert exc.status_code == 400
+
+
+@settings(max_examples=300, deadline=None)
+@given(message=st.dictionaries(st.sampled_from(["role", "content", "name"]), json_values, max_size=3))
+def test_any_json_inside_a_message_parses_or_is_a_400(message: dict) -> None:
+    """The fuzz campaign found `"role": {}` answered 500 (an unhashable role looked up in a set)."""
+    try:
+        parse_chat_request(json.dumps({"model": "m", "messages": [message]}).encode(), VOCAB)
+    except InvalidRequest as exc:
+        assert exc.status_code == 400
+
+
+def test_a_role_of_the_wrong_type_is_a_400() -> None:
+    for role in ({}, [None, None], 3, None):
+        assert refused(json.dumps({"model": "m", "messages": [{"role": role, "content": "x"}]}).encode()).param \
+            == "messages[0].role"
