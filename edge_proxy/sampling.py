@@ -29,11 +29,12 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(
             params.seed if params.seed is not None else secrets.randbits(63)
         )
-        self.counts = torch.zeros(vocab_size) if (params.presence_penalty or params.frequency_penalty) else None
+        penalised = bool(params.presence_penalty or params.frequency_penalty)
+        self.counts = torch.zeros(vocab_size, dtype=torch.float64) if penalised else None
         self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
         if params.logit_bias:
             ids = torch.tensor(list(params.logit_bias.keys()), dtype=torch.long)
-            self.bias = (ids, torch.tensor(list(params.logit_bias.values()), dtype=torch.float32))
+            self.bias = (ids, torch.tensor(list(params.logit_bias.values()), dtype=torch.float64))
 
     def _adjust(self, logits: torch.Tensor) -> torch.Tensor:
         if self.bias is None and self.counts is None:
@@ -48,12 +49,15 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor) -> int:
         """[V] logits -> next token id."""
-        logits = self._adjust(logits)
+        # float64 (exact for float32 logits): bias and penalties on logits near float32's limit stay finite
+        logits = self._adjust(logits.double())
         p = self.params
         if p.temperature == 0.0:
             token = int(torch.argmax(logits))
         else:
-            probs = torch.softmax(logits / p.temperature, dim=-1)
+            # shifted so the largest is 0 before scaling: any admitted temperature, however small, gives
+            # exponents in [-inf, 0], never inf - inf = nan
+            probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
             if p.top_p < 1.0:
                 probs = self._top_p(probs, p.top_p)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
