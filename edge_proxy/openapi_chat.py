@@ -16,7 +16,7 @@ from litestar.openapi.spec.media_type import OpenAPIMediaType
 from litestar.openapi.spec.response import OpenAPIResponse
 
 from edge_proxy.schemas import MAX_CONTENT_PARTS, MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOPS
-from veil.openapi import error_response
+from veil.openapi import ERROR, error_response
 
 _NUMBER_OR_NULL = ["number", "null"]
 _INT_OR_NULL = ["integer", "null"]
@@ -139,6 +139,19 @@ CHAT_CHUNK: dict[str, Any] = {
     },
 }
 
+# one server-sent event, as OpenAPI 3.2 describes a stream's items: its `data` is a chunk, an error object
+# or the final `[DONE]` (the content keywords annotate it; JSON Schema does not assert them)
+SSE_EVENT: dict[str, Any] = {
+    "title": "ChatCompletionStreamEvent",
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"anyOf": [CHAT_CHUNK, ERROR, {"const": "[DONE]"}]}},
+        "event": {"type": "string"},
+    },
+}
+
 # every status the route answers besides 200, as OpenAI names them
 CHAT_ERRORS = {
     400: "malformed JSON, a parameter out of range, over the context length, or blocked by a guardrail",
@@ -160,7 +173,5 @@ class ChatOperation(Operation):
             required=True, content={"application/json": OpenAPIMediaType(schema=CHAT_REQUEST)})  # type: ignore[arg-type]
         ok = OpenAPIResponse(description="the completion, or (stream: true) a server-sent event stream of chunks",
                              content={"application/json": OpenAPIMediaType(schema=CHAT_COMPLETION),  # type: ignore[arg-type]
-                                      "text/event-stream": OpenAPIMediaType(
-                                          schema={"type": "string", "description": CHAT_CHUNK["description"],
-                                                  "x-chunk-schema": CHAT_CHUNK})})  # type: ignore[arg-type]
+                                      "text/event-stream": OpenAPIMediaType(schema=SSE_EVENT)})  # type: ignore[arg-type]
         self.responses = {"200": ok, **{str(code): error_response(text) for code, text in CHAT_ERRORS.items()}}
