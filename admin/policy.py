@@ -15,9 +15,9 @@ import time
 from typing import Any, Callable, Protocol, TypeVar
 
 from admin import keys as apikeys
-from admin.guardrails import Guardrails, rule_from_dict
+from admin.guardrails import GuardrailRule, Guardrails, rule_from_dict
 from admin.principal import Principal, Scope
-from veil.errors import AuthenticationFailed, InvalidRequest, NotFound
+from veil.errors import AuthenticationFailed, InvalidRequest, NotFound, PolicyStoreError
 
 T = TypeVar("T")
 EMPTY_POLICY: dict[str, Any] = {"keys": {}, "guardrails": [], "settings": {}}
@@ -64,6 +64,18 @@ class MemoryStore:
             draft.update(copy.deepcopy(payload))
         self.update(replace)
         return self._version
+
+
+def _stored_rule(data: dict[str, Any]) -> GuardrailRule:
+    """A rule from the store. One that today's checks refuse (written by an older Veil, such as an output rule
+    with an unbounded match) cannot be enforced as written, so the edge serves nothing until it is fixed: a
+    503 naming the rule, rather than a policy quietly not applied or a 400 blaming the client."""
+    try:
+        return rule_from_dict(data)
+    except InvalidRequest as exc:
+        rule_id = data.get("id", "?")
+        raise PolicyStoreError(f"the stored guardrail '{rule_id}' is no longer valid ({exc.message}); remove or "
+                               f"replace it: veil admin guardrails remove {rule_id}") from None
 
 
 def check_payload(payload: dict[str, Any]) -> None:
@@ -147,7 +159,7 @@ class PolicyService:
     def guardrails(self) -> Guardrails:
         version, payload = self.store.current()
         if self._compiled is None or self._compiled[0] != version:
-            self._compiled = (version, Guardrails(rule_from_dict(r) for r in payload["guardrails"]))
+            self._compiled = (version, Guardrails(_stored_rule(r) for r in payload["guardrails"]))
         return self._compiled[1]
 
     def list_guardrails(self) -> list[dict[str, Any]]:

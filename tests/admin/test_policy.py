@@ -139,3 +139,16 @@ def test_an_export_imports_back() -> None:
     other = PolicyService(MemoryStore())
     other.import_policy(exported)
     assert other.authenticate(secret).max_concurrent == 2 and other.list_guardrails()[0]["id"] == "g"
+
+
+def test_a_stored_rule_that_todays_checks_refuse_is_a_503_naming_it_until_removed() -> None:
+    """An older store may hold an output rule with an unbounded match: it cannot be enforced as written."""
+    from veil.errors import PolicyStoreError
+
+    legacy = {"id": "old-out", "action": "block", "pattern": "secret.*", "terms": [], "applies_to": ["output"]}
+    service = PolicyService(MemoryStore({"keys": {}, "guardrails": [legacy], "settings": {}}))
+    with pytest.raises(PolicyStoreError) as exc:
+        service.guardrails()
+    assert exc.value.status_code == 503 and "old-out" in exc.value.message and "secret" not in exc.value.message
+    service.remove_guardrail("old-out")
+    assert service.guardrails().output_rules == []
