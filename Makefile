@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install up lint test test-fast bench fuzz clean
+.PHONY: install up lint test test-fast bench fuzz soak clean
 
 $(STAMP): pyproject.toml tests/helm/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,10 +41,14 @@ test-fast: install
 bench: install
 	$(PY) bench/split_vs_generate.py
 
+# 64 streaming clients for 10 minutes against a real core + auth-enabled edge (bench/soak.py); report in /tmp/soak.json
+soak: install
+	$(PY) bench/soak.py --duration 600 --clients 64 --out /tmp/soak.json
+
 # schemathesis over the edge's OpenAPI document with a key of each scope: 50 cases per operation and
 # identity (over 5,000 in all; CI runs 3 per operation); the report lands in fuzz-report/
 fuzz: install
-	FUZZ_EXAMPLES=50 FUZZ_MIN_CASES=5000 FUZZ_REPORT=$(CURDIR)/fuzz-report $(PY) -m pytest -q -s tests/fuzz
+	FUZZ_EXAMPLES=50 FUZZ_MIN_CASES=5000 FUZZ_REPORT=$(CURDIR)/fuzz-report $(PY) -m pytest -q -s --timeout 3600 tests/fuzz
 
 clean:
 	rm -rf $(VENV) .pytest_cache
