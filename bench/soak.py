@@ -307,7 +307,8 @@ class Soak:
                 await asyncio.sleep(self.cfg.sample_every)
 
     async def sample(self, http: httpx.AsyncClient) -> dict[str, Any]:
-        row: dict[str, Any] = {"t": round(time.monotonic() - self.t0, 2), "phase": self.phase()}
+        row: dict[str, Any] = {"t": round(time.monotonic() - self.t0, 2), "phase": self.phase(),
+                               "loadavg_1m": round(os.getloadavg()[0], 2)}  # others' work on the same cores
         assert self.pair.edge is not None
         for name, server in (("edge", self.pair.edge), ("core", self.pair.core)):
             row[name] = proc_sample(server.proc.pid)
@@ -439,6 +440,8 @@ class Soak:
                                 "core": self.pair.core.running()},
             "canaries_planted": len(self.canaries),
             "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+            "load_average_1m_mean": round(sum(s["loadavg_1m"] for s in self.samples) / len(self.samples), 2)
+            if self.samples else None,
             "samples": len(self.samples),
         }
 
@@ -608,7 +611,8 @@ def summary(report: dict[str, Any]) -> str:
     lines = [
         f"soak: {report['config']['clients']} clients ({report['config']['limited_clients']} on the "
         f"rpm={report['config']['limited_rpm']} key), load {report['load_s']:.0f}s + drain {report['drain_s']}s, "
-        f"wall {report['wall_s']}s",
+        f"wall {report['wall_s']}s, mean 1-min load average {report['load_average_1m_mean']} on "
+        f"{os.cpu_count()} CPUs",
         f"requests done {report['requests_done']} (completed {report['completed']}, disconnects "
         f"{report['disconnects']}), intended 429s {report['intended_429']} (the limited key was admitted "
         f"{report['limited_key_admitted']} times), errors {report['errors']}"
