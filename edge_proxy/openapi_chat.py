@@ -139,15 +139,16 @@ CHAT_CHUNK: dict[str, Any] = {
     },
 }
 
-# one server-sent event, as OpenAPI 3.2 describes a stream's items: its `data` is a chunk, an error object
-# or the final `[DONE]` (the content keywords annotate it; JSON Schema does not assert them)
+# one server-sent event, as OpenAPI 3.2 describes a stream's items: its `data` is a chunk or an error object
+# as JSON, or the final `[DONE]`, which is not JSON; so `contentSchema` annotates the JSON ones and no
+# `contentMediaType` asks a validator to parse every event
 SSE_EVENT: dict[str, Any] = {
     "title": "ChatCompletionStreamEvent",
     "type": "object",
     "required": ["data"],
     "properties": {
-        "data": {"type": "string", "contentMediaType": "application/json",
-                 "contentSchema": {"anyOf": [CHAT_CHUNK, ERROR, {"const": "[DONE]"}]}},
+        "data": {"type": "string", "description": "a chunk or an error object as JSON, or [DONE]",
+                 "contentSchema": {"anyOf": [CHAT_CHUNK, ERROR]}},
         "event": {"type": "string"},
     },
 }
