@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import logging
@@ -29,6 +30,8 @@ class PolicyPlane:
         await self.limiter.aclose()
         if self.auth.jwt is not None:
             await self.auth.jwt.aclose()  # type: ignore[attr-defined]
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.close)  # the last queued lines reach the disk
 
 
 def is_loopback(host: str) -> bool:
@@ -70,7 +73,9 @@ def build_plane(settings: Settings) -> PolicyPlane:
             store.initialize(dict(EMPTY_POLICY))
             log.info("created a new policy store")
         store.load()  # refuse a tampered, truncated or rolled-back store now, not on the first request
-        audit: AuditLog | None = AuditLog(settings.audit_log_path())
+        log_file = AuditLog(settings.audit_log_path(), settings.policy.passphrase)
+        log_file.open()  # a wrong passphrase, a foreign or an unkeyed older log is refused at start
+        audit: AuditLog | None = log_file
     elif settings.auth.enabled:
         raise ConfigError("auth is enabled but VEIL_POLICY_PASSPHRASE is not set: the policy store "
                           "(keys, limits, guardrails) must be encrypted")
