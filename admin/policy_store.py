@@ -10,6 +10,16 @@ Beside it: `<path>.lock` serializes writers (fcntl.flock), and the high-water ma
 unless given) holds the highest version seen under an HMAC, so an older copy put back is refused.
 A present but unverifiable mark is refused; an absent one is accepted and recreated at the file's
 version (a lost mark only loses rollback protection for copies older than that).
+
+The mark sits beside the store, so a backup of both passes it. Two anchors outside the pair catch that:
+- an optional `VersionAnchor` (admin.policy_anchor keeps one in Redis) holding the highest version written
+  for this store id (sha256 of the salt, first 16 hex digits): a store below it is refused;
+- an optional `AuditTrail` (admin.audit.AuditLog): each write appends `policy.version` {version, store} to the
+  audit log and records the log's head (seq, mac, offset of the line before) inside the encrypted file. A load
+  refuses a log that no longer holds that head (cut or replaced), and a store whose version is below one the
+  verified log records after it.
+Writes go store, mark, audit line, anchor; a crash between them leaves the store ahead of the others, and the
+next load (under the lock) brings them up to it, as it does the mark.
 """
 
 from __future__ import annotations
@@ -28,28 +38,41 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ContextManager, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from admin.kdf import MAX_SCRYPT_N, MIN_SCRYPT_N, SCRYPT_N, SCRYPT_P, SCRYPT_R, master_key, subkey, valid_n
 from veil.errors import InvalidRequest, PolicyStoreError
 
 log = logging.getLogger("veil.admin.policy_store")
 T = TypeVar("T")
 
 FORMAT, HWM_FORMAT, FORMAT_VERSION = "veil-policy-store", "veil-policy-hwm", 1
-# scrypt cost: ~64 MiB per derivation, memory-hard against GPU guessing.
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**16, 8, 1
-# n accepted on open: the low end exists for tests, the high end stops a hostile header exhausting memory.
-MIN_SCRYPT_N, MAX_SCRYPT_N = 2**10, 2**20
 PAYLOAD_SHAPE: dict[str, type] = {"keys": dict, "guardrails": list, "settings": dict}
 LOCK_TIMEOUT_S = 10.0
 # A file modified this recently may change again without its stat changing (coarse mtime, inode reuse).
 _RACY_NS = 2_000_000_000
+
+
+class VersionAnchor(Protocol):
+    """The highest version written for one store, kept where a copy of the data folder cannot reach."""
+
+    def highest(self) -> int | None: ...  # None: nothing anchored yet; raises PolicyStoreError when unreadable
+
+    def raise_to(self, version: int) -> None: ...  # never lowers it
+
+
+AnchorFactory = Callable[[str], VersionAnchor]  # store id -> its anchor
+
+
+class AuditTrail(Protocol):
+    """What the store needs of the audit log (admin.audit.AuditLog)."""
+
+    def appending(self, event: str, **fields: Any) -> ContextManager[dict[str, Any]]: ...
+
+    def versions_since(self, store: str, head: dict[str, Any] | None) -> list[int]: ...
 
 
 @dataclasses.dataclass(slots=True)
@@ -59,16 +82,18 @@ class _Cached:
     head: bytes
     version: int
     payload: dict[str, Any]
+    store_id: str
 
 
 class PolicyStore:
     """One encrypted, versioned policy file, shared by every edge replica that mounts it."""
 
     def __init__(self, path: Path, passphrase: str, *, hwm_path: Path | None = None, scrypt_n: int = SCRYPT_N,
-                 lock_timeout: float = LOCK_TIMEOUT_S):
+                 lock_timeout: float = LOCK_TIMEOUT_S, anchor: AnchorFactory | None = None,
+                 audit: AuditTrail | None = None):
         if not passphrase:
             raise PolicyStoreError("the policy store needs a passphrase (VEIL_POLICY_PASSPHRASE)")
-        if not _valid_n(scrypt_n):
+        if not valid_n(scrypt_n):
             raise PolicyStoreError(f"scrypt n must be a power of two in [{MIN_SCRYPT_N}, {MAX_SCRYPT_N}]")
         self.path = Path(path)
         self.hwm_path = Path(hwm_path) if hwm_path is not None else self.path.with_name(self.path.name + ".hwm")
@@ -78,12 +103,27 @@ class PolicyStore:
         self._lock_timeout = lock_timeout
         self._keys: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}  # (salt, n) -> (aead key, hmac key)
         self._cache: _Cached | None = None
+        self._anchor_for = anchor
+        self._anchors: dict[str, VersionAnchor] = {}
+        self._audit = audit
 
     def __repr__(self) -> str:
         return f"PolicyStore({str(self.path)!r})"
 
     def exists(self) -> bool:
         return self.path.exists()
+
+    def store_id(self) -> str:
+        """The id the anchors and the audit log know this store by (from its salt; not a secret)."""
+        return (self._cache or self._open(locked=False)).store_id
+
+    def close(self) -> None:
+        """Release the anchors' connections."""
+        for anchor in self._anchors.values():
+            close = getattr(anchor, "close", None)
+            if close is not None:
+                close()
+        self._anchors.clear()
 
     def initialize(self, payload: dict) -> None:
         """Create a new store at version 1; refuse if one exists."""
@@ -168,15 +208,47 @@ class PolicyStore:
         seen = self._check_hwm(hwm_raw, header["salt"], hmac_key)
         if seen is not None and seen > version:
             raise self._fail(f"is version {version} but version {seen} was seen: an older copy was restored")
-        if seen is None or seen < version:
+        sid = store_id(salt)
+        anchor = self._anchor(sid)
+        anchored = anchor.highest() if anchor is not None else None
+        if anchored is not None and anchored > version:
+            raise self._fail(f"is version {version} but its anchor records version {anchored}: an older copy was "
+                             "restored (with its high-water mark)")
+        logged = self._audit.versions_since(sid, doc.get("audit")) if self._audit is not None else []
+        if logged and max(logged) > version:
+            raise self._fail(f"is version {version} but the audit log records version {max(logged)}: an older copy "
+                             "was restored (with its high-water mark)")
+        hwm_behind = seen is None or seen < version
+        anchor_behind = anchor is not None and (anchored is None or anchored < version)
+        unlogged = self._audit is not None and version not in logged
+        if hwm_behind or anchor_behind or unlogged:
             if not locked:
                 with self._lock():
                     return self._open(locked=True)
-            if seen is None:
-                log.warning("policy store high-water mark %s was missing; recreated at version %d",
-                            self.hwm_path, version)
-            self._write_hwm(header["salt"], version, hmac_key)
-        return _Cached(_stat_key(st), time.time_ns(), head, version, doc["payload"])
+            if hwm_behind:
+                if seen is None:
+                    log.warning("policy store high-water mark %s was missing; recreated at version %d",
+                                self.hwm_path, version)
+                self._write_hwm(header["salt"], version, hmac_key)
+            self._catch_up(sid, version, audit=unlogged, anchor=anchor if anchor_behind else None)
+        return _Cached(_stat_key(st), time.time_ns(), head, version, doc["payload"], sid)
+
+    def _catch_up(self, sid: str, version: int, *, audit: bool, anchor: VersionAnchor | None) -> None:
+        """Bring the audit log and the anchor up to the store after a write that stopped half-way (lock held)."""
+        if audit and self._audit is not None:
+            log.warning("the audit log had no policy.version line for version %d of policy store %s; added it",
+                        version, self.path)
+            with self._audit.appending("policy.version", version=version, store=sid, late=True):
+                pass
+        if anchor is not None:
+            anchor.raise_to(version)
+
+    def _anchor(self, sid: str) -> VersionAnchor | None:
+        if self._anchor_for is None:
+            return None
+        if sid not in self._anchors:
+            self._anchors[sid] = self._anchor_for(sid)
+        return self._anchors[sid]
 
     def _parse(self, raw: bytes) -> tuple[dict[str, Any], bytes, bytes]:
         head, sep, ct = raw.partition(b"\n")
@@ -184,7 +256,7 @@ class PolicyStore:
             raise self._fail("is truncated" if raw else "is empty (truncated)")
         try:
             h = json.loads(head)
-            ok = (h["format"] == FORMAT and h["v"] == FORMAT_VERSION and h["kdf"] == "scrypt" and _valid_n(h["n"])
+            ok = (h["format"] == FORMAT and h["v"] == FORMAT_VERSION and h["kdf"] == "scrypt" and valid_n(h["n"])
                   and (h["r"], h["p"]) == (SCRYPT_R, SCRYPT_P) and len(_b64(h["salt"])) == 16
                   and len(_b64(h["nonce"])) == 12 and _is_int(h["version"]) and h["version"] >= 1
                   and _is_int(h["ct_len"]))
@@ -239,22 +311,31 @@ class PolicyStore:
         return result, c.version + 1
 
     def _write(self, payload: dict, version: int, salt: bytes, n: int) -> None:
-        """Encrypt and atomically replace the store, then raise the mark and the cache (lock held)."""
+        """Encrypt and atomically replace the store, then raise the mark, the audit log, the anchor and the cache
+        (lock held)."""
         try:
-            plain = json.dumps({"version": version, "payload": payload}, allow_nan=False).encode()
+            json.dumps(payload, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise PolicyStoreError("the policy payload is not JSON-serializable") from exc
         aead_key, hmac_key = self._derive(salt, n)
-        nonce = secrets.token_bytes(12)
-        salt_b64 = base64.b64encode(salt).decode()
-        header = {"format": FORMAT, "v": FORMAT_VERSION, "kdf": "scrypt", "n": n, "r": SCRYPT_R, "p": SCRYPT_P,
-                  "salt": salt_b64, "version": version, "nonce": base64.b64encode(nonce).decode(),
-                  "ct_len": len(plain) + 16}  # GCM appends a 16-byte tag
-        head = _canonical(header)
-        self._atomic_write(self.path, head + b"\n" + AESGCM(aead_key).encrypt(nonce, plain, head))
-        self._write_hwm(salt_b64, version, hmac_key)
+        sid, salt_b64 = store_id(salt), base64.b64encode(salt).decode()
+        trail: ContextManager[dict[str, Any] | None] = contextlib.nullcontext(None)
+        if self._audit is not None:
+            trail = self._audit.appending("policy.version", version=version, store=sid)
+        with trail as audit_head:  # the audit line is appended when this block ends well, not before
+            plain = json.dumps({"version": version, "payload": payload, "audit": audit_head}).encode()
+            nonce = secrets.token_bytes(12)
+            header = {"format": FORMAT, "v": FORMAT_VERSION, "kdf": "scrypt", "n": n, "r": SCRYPT_R, "p": SCRYPT_P,
+                      "salt": salt_b64, "version": version, "nonce": base64.b64encode(nonce).decode(),
+                      "ct_len": len(plain) + 16}  # GCM appends a 16-byte tag
+            head = _canonical(header)
+            self._atomic_write(self.path, head + b"\n" + AESGCM(aead_key).encrypt(nonce, plain, head))
+            self._write_hwm(salt_b64, version, hmac_key)
+        anchor = self._anchor(sid)
+        if anchor is not None:
+            anchor.raise_to(version)
         st = os.stat(self.path)
-        self._cache = _Cached(_stat_key(st), time.time_ns(), head, version, json.loads(plain)["payload"])
+        self._cache = _Cached(_stat_key(st), time.time_ns(), head, version, json.loads(plain)["payload"], sid)
         log.info("policy store %s written at version %d", self.path, version)
 
     def _write_hwm(self, salt_b64: str, version: int, hmac_key: bytes) -> None:
@@ -312,16 +393,17 @@ class PolicyStore:
     def _derive(self, salt: bytes, n: int) -> tuple[bytes, bytes]:
         """(AEAD key, HMAC key) from the passphrase; scrypt runs once per salt and n."""
         if (salt, n) not in self._keys:
-            master = Scrypt(salt=salt, length=32, n=n, r=SCRYPT_R, p=SCRYPT_P).derive(self._passphrase)
-            self._keys[(salt, n)] = (_hkdf(master, b"veil policy store aead"), _hkdf(master, b"veil policy store hwm"))
+            master = master_key(self._passphrase, salt, n)
+            self._keys[(salt, n)] = (subkey(master, b"veil policy store aead"), subkey(master, b"veil policy store hwm"))
         return self._keys[(salt, n)]
 
     def _fail(self, what: str) -> PolicyStoreError:
         return PolicyStoreError(f"policy store {self.path} {what}")
 
 
-def _hkdf(master: bytes, info: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(master)
+def store_id(salt: bytes) -> str:
+    """What the anchors and the audit log call a store: derived from its salt, so it names one store's life."""
+    return hashlib.sha256(salt).hexdigest()[:16]
 
 
 def _mac(key: bytes, fields: dict[str, Any]) -> str:
@@ -340,10 +422,6 @@ def _b64(value: Any) -> bytes:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _valid_n(n: Any) -> bool:
-    return _is_int(n) and MIN_SCRYPT_N <= n <= MAX_SCRYPT_N and n & (n - 1) == 0
 
 
 def _stat_key(st: os.stat_result) -> tuple[int, int, int]:

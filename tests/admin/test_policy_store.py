@@ -6,6 +6,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,153 @@ def test_the_default_kdf_is_memory_hard(tmp_path: Path, caplog: pytest.LogCaptur
     assert header["kdf"] == "scrypt" and header["n"] >= 2**15 and header["version"] == 1
     assert PolicyStore(tmp_path / "p", PASS).load()[1]["keys"] == {"secret-key-id": {}}
     assert PASS not in caplog.text and "secret-key-id" not in caplog.text and PASS not in repr(s)
+
+
+# -- anchors outside the store and its mark: the audit log and a version anchor -------------------------------
+
+class FakeAnchor:
+    """An in-memory VersionAnchor, per store id (the Redis one is tested in test_policy_anchor.py)."""
+
+    def __init__(self) -> None:
+        self.versions: dict[str, int] = {}
+        self.up = True
+
+    def __call__(self, sid: str) -> "FakeAnchor._One":
+        return FakeAnchor._One(self, sid)
+
+    class _One:
+        def __init__(self, parent: "FakeAnchor", sid: str):
+            self.parent, self.sid = parent, sid
+
+        def highest(self) -> int | None:
+            return self.parent.versions.get(self.sid)
+
+        def raise_to(self, version: int) -> None:
+            if self.parent.up:
+                self.parent.versions[self.sid] = max(version, self.parent.versions.get(self.sid, 0))
+
+
+def audited(tmp_path: Path, anchor: FakeAnchor | None = None, name: str = "policy.store"):
+    from admin.audit import AuditLog
+
+    audit = AuditLog(tmp_path / "audit.log", PASS, scrypt_n=FAST_N)
+    return PolicyStore(tmp_path / name, PASS, scrypt_n=FAST_N, audit=audit, anchor=anchor), audit
+
+
+def audit_lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_every_write_appends_a_policy_version_line_with_no_secret(tmp_path: Path) -> None:
+    s, audit = audited(tmp_path)
+    s.initialize({"keys": {"key_1": {"hash": "ab" * 32}}, "guardrails": [{"terms": ["Dana Whitfield"]}],
+                  "settings": {"counter": 0}})
+    for _ in range(3):
+        s.update(bump)
+    versions = [x for x in audit_lines(audit.path) if x["event"] == "policy.version"]
+    assert [(x["version"], x["store"]) for x in versions] == [(v, s.store_id()) for v in (1, 2, 3, 4)]
+    assert re.fullmatch(r"[0-9a-f]{16}", s.store_id())
+    text = audit.path.read_text()
+    assert "ab" * 32 not in text and "Dana" not in text and PASS not in text and "key_1" not in text
+    assert audit.verify().ok
+
+
+def test_an_older_copy_restored_with_its_mark_is_refused_by_the_audit_log(tmp_path: Path) -> None:
+    s, _ = audited(tmp_path)
+    s.initialize(empty())
+    s.update(bump)
+    old = snapshot(s)  # version 2 and its mark
+    s.update(bump)
+    s.update(bump)
+    s.path.write_bytes(old[0])
+    s.hwm_path.write_bytes(old[1])
+    for store in (s, audited(tmp_path)[0]):
+        with pytest.raises(PolicyStoreError, match="is version 2 but the audit log records version 4: an older copy"):
+            store.load()
+        with pytest.raises(PolicyStoreError, match="older copy"):
+            store.update(bump)
+    assert snapshot(s) == old
+
+
+def test_an_audit_log_cut_below_the_stores_head_is_refused(tmp_path: Path) -> None:
+    s, audit = audited(tmp_path)
+    s.initialize(empty())
+    audit.record("key.create", actor="key_admin", key_id="k1")
+    audit.flush()
+    s.update(bump)  # its head is the key.create line
+    audit.record("auth.failure", reason="invalid_api_key", path="/v1/models")
+    audit.flush()
+    text = audit.path.read_text().splitlines()
+    head = next(i for i, x in enumerate(text) if '"key.create"' in x)
+    audit.path.write_text("\n".join(text[:head]) + "\n")  # cut: the head line and everything after are gone
+    with pytest.raises(PolicyStoreError, match="audit log .* no longer holds line 3, which the policy store recorded"):
+        audited(tmp_path)[0].load()
+    audit.path.unlink()
+    with pytest.raises(PolicyStoreError, match="audit log .* is missing or empty, but the policy store recorded"):
+        audited(tmp_path)[0].load()
+
+
+def test_an_audit_log_edited_after_the_head_is_refused(tmp_path: Path) -> None:
+    s, audit = audited(tmp_path)
+    s.initialize(empty())
+    s.update(bump)
+    s.update(bump)
+    text = audit.path.read_text().splitlines()
+    last = json.loads(text[-1])
+    assert last["event"] == "policy.version" and last["version"] == 3
+    last["version"] = 2  # hide the newest version, to let an older copy in
+    text[-1] = json.dumps(last)
+    audit.path.write_text("\n".join(text) + "\n")
+    with pytest.raises(PolicyStoreError, match="fails verification"):
+        audited(tmp_path)[0].load()
+
+
+def test_a_crash_before_the_audit_line_catches_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import admin.audit as audit_mod
+
+    s, audit = audited(tmp_path)
+    s.initialize(empty())
+    real = audit_mod._write
+
+    def fail_line(f, data: bytes) -> None:
+        if b'"policy.version"' in data:
+            raise OSError(5, "I/O error")
+        real(f, data)
+
+    monkeypatch.setattr(audit_mod, "_write", fail_line)
+    with pytest.raises(OSError):
+        s.update(bump)  # the store is written; its audit line is not
+    monkeypatch.undo()
+    audit.record("auth.failure", reason="invalid_api_key", path="/v1/models")  # other lines land meanwhile
+    audit.flush()
+    assert audited(tmp_path)[0].load()[0] == 2
+    late = audit_lines(audit.path)[-1]
+    assert (late["event"], late["version"], late["late"]) == ("policy.version", 2, True)
+    assert audit.verify().ok and audited(tmp_path)[0].load()[0] == 2
+
+
+def test_an_older_copy_restored_with_its_mark_and_audit_log_is_refused_by_the_anchor(tmp_path: Path) -> None:
+    anchor = FakeAnchor()
+    s, audit = audited(tmp_path, anchor)
+    s.initialize(empty())
+    s.update(bump)
+    old, old_audit = snapshot(s), audit.path.read_bytes()  # the whole data folder, backed up at version 2
+    s.update(bump)
+    assert anchor.versions == {s.store_id(): 3}
+    s.path.write_bytes(old[0])
+    s.hwm_path.write_bytes(old[1])
+    audit.path.write_bytes(old_audit)
+    with pytest.raises(PolicyStoreError, match="is version 2 but its anchor records version 3: an older copy"):
+        audited(tmp_path, anchor)[0].load()
+
+
+def test_a_store_ahead_of_its_anchor_raises_it_on_load(tmp_path: Path) -> None:
+    anchor = FakeAnchor()
+    s, _ = audited(tmp_path, anchor)
+    s.initialize(empty())
+    anchor.up = False  # the write succeeds, the anchor misses it
+    s.update(bump)
+    assert anchor.versions[s.store_id()] == 1
+    anchor.up = True
+    assert audited(tmp_path, anchor)[0].load()[0] == 2
+    assert anchor.versions[s.store_id()] == 2
