@@ -1,4 +1,8 @@
-"""`veil admin …`: the admin REST API from the command line (VEIL_EDGE_URL, VEIL_ADMIN_KEY)."""
+"""`veil admin …`: the admin REST API from the command line (VEIL_EDGE_URL, VEIL_ADMIN_KEY).
+
+`veil admin policy init` alone works on the local files (VEIL_POLICY_STORE, VEIL_POLICY_PASSPHRASE,
+VEIL_REDIS_URL): it is the one way to create a store where an edge would refuse to.
+"""
 
 from __future__ import annotations
 
@@ -86,7 +90,11 @@ def add_parser(sub: Any) -> None:
     audit.add_parser("tail").add_argument("-n", type=int, default=20)
     audit.add_parser("verify")
 
-    policy = groups.add_parser("policy", help="backup and restore").add_subparsers(dest="admin_action", required=True)
+    policy = groups.add_parser("policy", help="create, back up and restore the policy store").add_subparsers(
+        dest="admin_action", required=True)
+    init = policy.add_parser("init", help="create a new, empty policy store here (local files, no edge needed)")
+    init.add_argument("--force", action="store_true",
+                      help="also where traces of an earlier store remain (mark, audit log, Redis anchor); audited")
     policy.add_parser("export").add_argument("--out", help="file to write (default: stdout)")
     policy.add_parser("import").add_argument("file")
 
@@ -114,6 +122,19 @@ def _show_key(k: dict[str, Any]) -> str:
     limits = f"rpm={k['rpm'] or '-'} tpm={k['tpm'] or '-'} concurrent={k.get('max_concurrent') or '-'}"
     state = "active" if k["active"] else ("revoked" if k["revoked_at"] else "expired")
     return f"{k['id']}  {k['name']:<20} {','.join(k['scopes']):<22} {limits:<22} {state}"
+
+
+def _policy_init(settings: Settings, force: bool) -> tuple[dict[str, Any], str]:
+    """Works on the local files with VEIL_POLICY_PASSPHRASE: this is how a store is re-created on purpose."""
+    from admin.policy_setup import init_policy
+
+    store_id, found = init_policy(settings, force=force)
+    out = {"store": str(settings.policy_store_path()), "store_id": store_id, "version": 1, "forced": force,
+           "traces": found}
+    text = f"created an empty policy store {out['store']} (store {store_id}, version 1)"
+    if found:
+        text += "\nover the traces of an earlier store (recorded in the audit log):\n" + "\n".join(f"  {t}" for t in found)
+    return out, text
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
@@ -174,6 +195,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         if not args.json:
             print(text)
             return 0 if out["ok"] else 1
+    elif g == "policy" and a == "init":
+        out, text = _policy_init(settings, args.force)
     elif g == "policy" and a == "export":
         out = call("GET", "/admin/v1/policy/export")
         if args.out:

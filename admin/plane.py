@@ -10,7 +10,7 @@ from pathlib import Path
 
 from admin.audit import AuditLog
 from admin.auth import Authenticator
-from admin.policy import EMPTY_POLICY, MemoryStore, PolicyService
+from admin.policy import MemoryStore, PolicyService
 from admin.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from veil.errors import ConfigError
 from veil.settings import Settings
@@ -32,6 +32,9 @@ class PolicyPlane:
             await self.auth.jwt.aclose()  # type: ignore[attr-defined]
         if self.audit is not None:
             await asyncio.to_thread(self.audit.close)  # the last queued lines reach the disk
+        close = getattr(self.policy.store, "close", None)
+        if close is not None:
+            close()
 
 
 def is_loopback(host: str) -> bool:
@@ -63,19 +66,12 @@ def build_plane(settings: Settings) -> PolicyPlane:
             and not settings.auth.allow_unauthenticated_public:
         raise ConfigError(f"refusing to serve without authentication on {settings.edge.host}: set "
                           "VEIL_AUTH_ENABLED=true (or auth.allow_unauthenticated_public to force it)")
+    audit: AuditLog | None
     if settings.policy.passphrase:
-        from admin.policy_store import PolicyStore
+        from admin.policy_setup import open_policy
 
-        path = settings.policy_store_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        store = PolicyStore(path, settings.policy.passphrase)
-        if not store.exists():
-            store.initialize(dict(EMPTY_POLICY))
-            log.info("created a new policy store")
-        store.load()  # refuse a tampered, truncated or rolled-back store now, not on the first request
-        log_file = AuditLog(settings.audit_log_path(), settings.policy.passphrase)
-        log_file.open()  # a wrong passphrase, a foreign or an unkeyed older log is refused at start
-        audit: AuditLog | None = log_file
+        # refuses a missing store with traces of an earlier one, and a tampered, cut or rolled-back store or log
+        store, audit = open_policy(settings)
     elif settings.auth.enabled:
         raise ConfigError("auth is enabled but VEIL_POLICY_PASSPHRASE is not set: the policy store "
                           "(keys, limits, guardrails) must be encrypted")
