@@ -316,6 +316,16 @@ def test_cli_manages_protect_rules_and_the_edge_applies_them(cluster) -> None:
         assert _veil_admin(cluster, "guardrails", "remove", rule).returncode == 0
 
 
+def _audit_lines(cluster, ready, timeout_s: float = 10.0) -> list[dict]:
+    """The audit log's lines once `ready(lines)` holds: the edge writes them from a background thread."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = [json.loads(x) for x in (cluster["tmp"] / "audit.log").read_text().splitlines()]
+        if ready(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
 def test_audit_records_failures_and_no_secret_reaches_logs_metrics_or_errors(cluster) -> None:
     a, b = cluster["edges"]
     key_id, secret = _new_key(a, rpm=1)
@@ -325,7 +335,8 @@ def test_audit_records_failures_and_no_secret_reaches_logs_metrics_or_errors(clu
         with pytest.raises(openai.APIStatusError) as exc:
             bad()
         bodies.append(exc.value.response.text)
-    lines = [json.loads(x) for x in (cluster["tmp"] / "audit.log").read_text().splitlines()]
+    lines = _audit_lines(cluster, lambda ls: any(x["event"] == "ratelimit.reject" and x["actor"] == key_id for x in ls)
+                         and any(x["event"] == "auth.failure" for x in ls))
     assert any(x["event"] == "ratelimit.reject" and x["actor"] == key_id for x in lines)
     assert any(x["event"] == "auth.failure" for x in lines)
     everything = "".join(s.log() for s in cluster["edges"] + [cluster["core"]]) + "".join(bodies)
@@ -348,7 +359,8 @@ def test_metrics_need_the_metrics_scope_and_refusals_by_scope_are_counted_and_au
     with pytest.raises(openai.PermissionDeniedError):
         _chat(_client(a, reader))
     assert [m.id for m in _client(a, ADMIN_KEY).models.list()] == [MODEL]  # admin implies read
-    lines = [json.loads(x) for x in (cluster["tmp"] / "audit.log").read_text().splitlines()]
+    lines = _audit_lines(cluster, lambda ls: len({x.get("scope") for x in ls if x["event"] == "auth.denied"
+                                                  and x.get("actor") == reader_id}) == 2)
     denied = [x for x in lines if x["event"] == "auth.denied" and x["actor"] == reader_id]
     assert {x["scope"] for x in denied} == {"metrics", "generate"}
 
