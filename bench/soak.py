@@ -143,7 +143,9 @@ class Stats:
             code = body["error"].get("code")
         # class, status and the server's short error code only: never a message or any content
         safe = code if isinstance(code, str) and re.fullmatch(r"[a-z0-9_]{1,48}", code) else "-"
-        key = f"{type(exc).__name__} status={status if status is not None else '-'} code={safe}"
+        cause = exc.__cause__ or exc.__context__  # e.g. httpx.RemoteProtocolError under APIConnectionError
+        key = f"{type(exc).__name__} status={status if status is not None else '-'} code={safe}" + \
+            (f" cause={type(cause).__name__}" if cause is not None else "")
         self.errors[key] = self.errors.get(key, 0) + 1
 
     @property
