@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
 from pathlib import Path
 from types import FrameType
@@ -18,6 +19,9 @@ from veil.errors import ConfigError, VeilError
 from veil.identity import fingerprint, load_private_key, public_text, write_private_key
 from veil.logs import configure
 from veil.settings import Settings, load_settings
+
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h); setting it also turns the adaptive rise off
+_MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value
 
 
 def _add_commands(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +67,19 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _fixed_mmap_threshold() -> None:
+    """Serve every large allocation (a session's KV cache is megabytes) from mmap, returned to the OS when
+    freed. glibc raises its mmap threshold once such a block is freed, after which KV caches come from the
+    heap and fragment it: a soak of 64 streams grew the core 40 MiB a minute with a steady session count."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: its allocator has no such threshold
+    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+
+
 def run(settings: Settings, args: argparse.Namespace) -> int:
+    _fixed_mmap_threshold()  # before the bundle is loaded
     app = create_app(settings)
     state: CoreState = app.state  # type: ignore[assignment]
     if settings.core.metrics_port:

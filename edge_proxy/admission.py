@@ -7,8 +7,8 @@ again whenever a session frees:
 
 - a key never holds more than its own cap (`max_concurrent` of the key, else `edge.max_concurrent_per_key`);
   a request over it is refused at once with 429, since only the caller's own requests stand in its way;
-- while another key holds or waits for a session, no key takes more than `key_session_share` of them;
-  alone, a key may use every session (nothing is kept idle);
+- while another key waits for a session, no key takes more than `key_session_share` of them; otherwise
+  a key may use every free session (nothing is kept idle);
 - when no session is free, a request waits (at most `admission_wait_seconds`, then 503 with Retry-After),
   and a freed session goes to the waiting key that holds the fewest (max-min fairness), first come first
   served among equals.
@@ -89,7 +89,8 @@ class SessionShare:
         return True
 
     def _contended(self, key_id: str) -> bool:
-        return any(k != key_id for k in self.active) or any(w.key_id != key_id for w in self._waiting)
+        # only another key *waiting* holds a key to its share: sessions free for the taking are never kept idle
+        return any(w.key_id != key_id for w in self._waiting)
 
     def _eligible(self, w: _Waiter) -> bool:
         held = self.active[w.key_id]

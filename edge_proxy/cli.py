@@ -42,5 +42,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
               f"  {plane.bootstrap_secret}\n", flush=True)
     model = EdgeModel.load(settings.edge_bundle_dir(), key_source(settings))
     uvicorn.run(create_app(settings, model, plane=plane), host=settings.edge.host, port=settings.edge.port,
-                log_config=None, access_log=False, timeout_graceful_shutdown=5)
+                log_config=None, access_log=False, timeout_graceful_shutdown=5,
+                # above the 5 s for which httpx (and so the openai client) reuses an idle connection: at
+                # equal timeouts a request sent as the server closes the connection fails
+                timeout_keep_alive=75)
     return 0

@@ -56,11 +56,15 @@ def test_one_key_cannot_starve_another() -> None:
         await _spin()
         assert polite.done() and share.active["polite"] == 1
         assert not any(t.done() for t in more_greedy)
-        # greedy now holds 3 of 4 with another key active: over its share (2), so freed sessions wait until it
-        # is back under it... or until polite is gone
+        # with no other key waiting, a freed session is never kept idle: greedy's own waiter takes it
         share.give("greedy")
         await _spin()
-        assert share.total == 3 and not any(t.done() for t in more_greedy)
+        assert share.total == 4 and sum(t.done() for t in more_greedy) == 1
+        # but while another key waits, greedy (over its share of 2) gets nothing until that key is served
+        late = await _pending(share, "late")
+        share.give("greedy")
+        await _spin()
+        assert late.done() and sum(t.done() for t in more_greedy) == 1
         share.give("polite")
         await _spin()
         assert sum(t.done() for t in more_greedy) == 2 and share.total == 4
