@@ -106,7 +106,7 @@ class SoakConfig:
     # 6 s at 2 threads and 0.3 s at 1 while another process was busy (OMP_WAIT_POLICY=PASSIVE: 0.47 s)
     core_threads: int = 1
     edge_threads: int = 1
-    key_session_share: float = 0.85  # the edge's fair share per key: the unlimited key's clients all fit
+    key_session_share: float = 0.5  # the edge's default: it binds only while another key waits for a session
     core_env: dict[str, str] = dataclasses.field(default_factory=dict)  # extra environment (diagnosis: MALLOC_*)
     edge_env: dict[str, str] = dataclasses.field(default_factory=dict)
 
