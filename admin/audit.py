@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from admin.kdf import SCRYPT_N, SCRYPT_P, SCRYPT_R, master_key, subkey, valid_n
-from veil.errors import PolicyStoreError
+from veil.errors import AuditLogError, PolicyStoreError
 
 log = logging.getLogger("veil.admin.audit")
 
@@ -63,12 +63,6 @@ _RETRY_S = 0.5
 _WARN_EVERY_S = 60.0
 _BLOCK = 8192
 _logs: weakref.WeakSet[AuditLog] = weakref.WeakSet()  # closed at exit, so nothing queued is lost
-
-
-class AuditLogError(PolicyStoreError):
-    """The audit log cannot be opened, verified or written (a start-up refusal; a 503 while serving)."""
-
-    code = "audit_log_error"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

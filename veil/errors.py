@@ -14,6 +14,7 @@ VeilError (500 server_error)
 ├── RateLimited (429)           a rate or capacity limit; retry later
 ├── BundleError                 a bundle is missing, tampered or mismatched
 ├── PolicyStoreError (503)      the policy store is missing, tampered, rolled back or locked
+│   └── AuditLogError           the audit log is missing, cut, rewritten or cannot be written
 ├── ServiceUnavailable (503)    this server, or a service it needs (Redis, JWKS), is not ready
 └── CoreError (502)             the edge could not get a step done by the core; messages are the edge's own
     ├── CoreUnavailable (503)   the core is unreachable or not ready
@@ -165,6 +166,12 @@ class PolicyStoreError(VeilError):
     status_code = 503
     error_type = "server_error"
     code = "policy_store_error"
+
+
+class AuditLogError(PolicyStoreError):
+    """The audit log cannot be opened, verified or written (a start-up refusal; a 503 while serving)."""
+
+    code = "audit_log_error"
 
 
 class ServiceUnavailable(VeilError):
