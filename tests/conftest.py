@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -79,3 +81,18 @@ def tiny_bundles(tiny_checkpoints: dict[str, Path], key_file: Path,
         cloak(ckpt, edge, core, KeySource(key_file=key_file), f"tiny-{arch}", progress=False)
         out[arch] = (ckpt, edge, core)
     return out
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"  # the Redis these machines run; scripts/ensure_redis.sh starts one
+
+
+@pytest.fixture(scope="session")
+def rdb() -> Iterator[redis.Redis]:
+    """A real Redis; its absence is a failure, never a skip."""
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"these tests need a real Redis at {REDIS_URL} (run scripts/ensure_redis.sh): {exc!r}")
+    yield client
+    client.close()

@@ -14,29 +14,17 @@ from pathlib import Path
 
 import pytest
 import redis
-from redis.exceptions import RedisError
 
 from admin.audit import AuditLog
 from admin.policy_anchor import RedisAnchor, path_key, store_at
 from admin.policy_store import PolicyStore
+from tests.conftest import REDIS_URL
 from veil.errors import PolicyStoreError
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 DEAD_URL = "redis://:hunter2-redis-password@127.0.0.1:1/0"  # nothing listens on port 1
 PASS = "correct horse battery staple"
 FAST_N = 2**10
 
-
-@pytest.fixture(scope="module")
-def rdb() -> Iterator[redis.Redis]:
-    """A real Redis; its absence is a failure, never a skip."""
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except RedisError as exc:
-        pytest.fail(f"these tests need a real Redis at {REDIS_URL} (run scripts/ensure_redis.sh): {exc!r}")
-    yield client
-    client.close()
 
 
 @pytest.fixture

@@ -5,36 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from redis.exceptions import RedisError
 
 from admin.audit import AuditLog
 from admin.plane import build_plane
 from admin.policy_anchor import path_key
 from admin.policy_setup import init_policy, open_policy
+from tests.conftest import REDIS_URL
 from veil.errors import PolicyStoreError
 from veil.settings import Settings
 from veil_cli.main import main
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 PASS = "correct horse battery staple"
 FAST_N = 2**10
 
-
-@pytest.fixture
-def rdb() -> Iterator[redis.Redis]:
-    """A real Redis; its absence is a failure, never a skip."""
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except RedisError as exc:
-        pytest.fail(f"these tests need a real Redis at {REDIS_URL} (run scripts/ensure_redis.sh): {exc!r}")
-    yield client
-    client.close()
 
 
 def settings_for(home: Path, redis_url: str = "") -> Settings:

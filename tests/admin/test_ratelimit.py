@@ -21,23 +21,12 @@ from redis.exceptions import RedisError
 
 from admin.ratelimit import MemoryRateLimiter, RateDecision, RateLimiter, rate_limit_headers
 from admin.ratelimit_redis import RedisRateLimiter
+from tests.conftest import REDIS_URL
 from veil.errors import ServiceUnavailable
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 ROOT = Path(__file__).resolve().parents[2]
 Body = Callable[[RateLimiter], Awaitable[Any]]
 
-
-@pytest.fixture(scope="module")
-def rdb() -> Iterator[redis.Redis]:
-    """A real Redis; its absence is a failure, never a skip."""
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except RedisError as exc:
-        pytest.fail(f"these tests need a real Redis at {REDIS_URL} (run scripts/ensure_redis.sh): {exc!r}")
-    yield client
-    client.close()
 
 
 @pytest.fixture

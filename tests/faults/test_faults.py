@@ -30,13 +30,8 @@ BOUND_S = 5.0  # a Redis fault must be answered within this: 1 s socket timeout,
 
 
 @pytest.fixture(scope="module")
-def rig(tiny_bundles, key_file: Path, tmp_path_factory: pytest.TempPathFactory):
+def rig(tiny_bundles, key_file: Path, tmp_path_factory: pytest.TempPathFactory, rdb: redis.Redis):
     """A core; an edge failing closed and one failing open, both on Redis through one FaultyLink."""
-    client = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"these tests need a real Redis at 127.0.0.1:6379 (scripts/ensure_redis.sh): {exc!r}")
     _, edge_bundle, core_bundle = tiny_bundles["llama"]
     tmp = tmp_path_factory.mktemp("faults")
     link = FaultyLink(6379)
@@ -53,7 +48,7 @@ def rig(tiny_bundles, key_file: Path, tmp_path_factory: pytest.TempPathFactory):
         port = free_port()
         edges[name] = Server("edge", base_env(tmp, VEIL_EDGE_PORT=str(port), VEIL_REDIS_FAIL_OPEN=fail_open, **shared),
                              port, tmp / f"edge-{name}.log").wait_ready()
-    rig = {"link": link, "core": core, "core_env": core_env, "tmp": tmp, "redis": client, **edges}
+    rig = {"link": link, "core": core, "core_env": core_env, "tmp": tmp, "redis": rdb, **edges}
     yield rig
     for server in (*edges.values(), rig["core"]):
         server.stop()
