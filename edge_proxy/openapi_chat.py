@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from litestar.openapi.spec import Operation, RequestBody
+from litestar.openapi.spec import RequestBody
 from litestar.openapi.spec.media_type import OpenAPIMediaType
 from litestar.openapi.spec.response import OpenAPIResponse
 
 from edge_proxy.schemas import MAX_CONTENT_PARTS, MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOPS
-from veil.openapi import ERROR, error_response
+from veil.openapi import ERROR, DocumentedOperation
 
 _NUMBER_OR_NULL = ["number", "null"]
 _INT_OR_NULL = ["integer", "null"]
@@ -166,13 +166,17 @@ CHAT_ERRORS = {
 
 
 @dataclasses.dataclass
-class ChatOperation(Operation):
-    """Litestar's generated operation for the route, with the real request body and responses put in."""
+class ChatOperation(DocumentedOperation):
+    """The route's operation: the error statuses as every route documents them, plus its real request body
+    and its 200 (a completion, or an event stream)."""
+
+    errors = CHAT_ERRORS
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.request_body = RequestBody(
             required=True, content={"application/json": OpenAPIMediaType(schema=CHAT_REQUEST)})  # type: ignore[arg-type]
         ok = OpenAPIResponse(description="the completion, or (stream: true) a server-sent event stream of chunks",
                              content={"application/json": OpenAPIMediaType(schema=CHAT_COMPLETION),  # type: ignore[arg-type]
                                       "text/event-stream": OpenAPIMediaType(schema=SSE_EVENT)})  # type: ignore[arg-type]
-        self.responses = {"200": ok, **{str(code): error_response(text) for code, text in CHAT_ERRORS.items()}}
+        self.responses = {**(self.responses or {}), "200": ok}

@@ -4,7 +4,7 @@ statuses it can really answer (Litestar would document only its own 400 body, in
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 from litestar.openapi.spec import Operation
 from litestar.openapi.spec.media_type import OpenAPIMediaType
@@ -32,17 +32,21 @@ def error_response(description: str) -> OpenAPIResponse:
                            content={"application/json": OpenAPIMediaType(schema=ERROR)})  # type: ignore[arg-type]
 
 
+@dataclasses.dataclass
+class DocumentedOperation(Operation):
+    """An operation: its success responses as Litestar made them, and `errors` (status -> when) with the OpenAI
+    error body in place of whatever Litestar would say about errors."""
+
+    errors: ClassVar[dict[int, str]] = {}
+
+    def __post_init__(self) -> None:
+        kept = {code: r for code, r in (self.responses or {}).items() if int(code) < 400}
+        self.responses = {**kept, **{str(c): error_response(t) for c, t in sorted(self.errors.items())}}
+
+
 def documented(*statuses: dict[int, str]) -> type[Operation]:
-    """An operation class for a route: its success responses as Litestar made them, and these error statuses
-    (the union of the maps given) with the OpenAI error body."""
+    """A route's operation class, documenting the union of these error statuses."""
     errors: dict[int, str] = {}
     for group in statuses:
         errors.update(group)
-
-    @dataclasses.dataclass
-    class DocumentedOperation(Operation):
-        def __post_init__(self) -> None:
-            kept = {code: r for code, r in (self.responses or {}).items() if int(code) < 400}
-            self.responses = {**kept, **{str(c): error_response(t) for c, t in sorted(errors.items())}}
-
-    return DocumentedOperation
+    return type("DocumentedOperation", (DocumentedOperation,), {"errors": errors})
