@@ -101,7 +101,6 @@ class Gatekeeper:
         if not decision.allowed:
             self._refuse(p, rid, decision, "tokens")
         admission.decision = decision
-        admission.entry = decision.entry or admission.entry
 
     async def release(self, admission: Admission, tokens: int) -> None:
         """Free the session and correct the entry to the tokens really used; only the first call counts."""

@@ -39,7 +39,8 @@ class Sampler:
     def _adjust(self, logits: torch.Tensor) -> torch.Tensor:
         if self.bias is None and self.counts is None:
             return logits
-        logits = logits.clone()
+        # float64 (exact for float32 logits): bias and penalties on logits near float32's limit stay finite
+        logits = logits.to(torch.float64, copy=True)  # a copy: the caller's logits are never changed
         if self.bias is not None:
             logits.index_add_(0, self.bias[0], self.bias[1])
         if self.counts is not None:
@@ -49,14 +50,14 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor) -> int:
         """[V] logits -> next token id."""
-        # float64 (exact for float32 logits): bias and penalties on logits near float32's limit stay finite
-        logits = self._adjust(logits.double())
+        logits = self._adjust(logits)  # unadjusted greedy stays on the float32 logits: nothing to convert
         p = self.params
         if p.temperature == 0.0:
             token = int(torch.argmax(logits))
         else:
             # shifted so the largest is 0 before scaling: any admitted temperature, however small, gives
             # exponents in [-inf, 0], never inf - inf = nan
+            logits = logits.double()
             probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
             if p.top_p < 1.0:
                 probs = self._top_p(probs, p.top_p)
