@@ -120,13 +120,13 @@ async def _chat(request: Request[Any, Any, EdgeState], state: EdgeState, admissi
     _check_model(state, chat.model)
     await state.engine.connect()
     # prepare: policy, template and budget; then reserve the worst case against the key's tpm
-    gen = await prepare(state.gate, state.engine, state.model, state.settings.privacy, admission.principal, chat,
-                        rid, started)
-    await state.gate.reserve(admission, gen.prompt_tokens + gen.max_new_tokens, rid)
+    gens = await prepare(state.gate, state.engine, state.model, state.settings.privacy, admission.principal, chat,
+                         rid, started)
+    await state.gate.reserve(admission, gens[0].prompt_tokens + sum(g.max_new_tokens for g in gens), rid)
     # run and respond; from here the responder releases the admission however the request ends
     ids = shapes.ChatIds(f"chatcmpl-{secrets.token_hex(12)}", chat.model, f"fp_veil_{state.model.spec.bundle_id[:8]}")
     headers = {"x-request-id": rid, **rate_limit_headers(admission.decision)}
-    responder = ChatResponder(state.engine, state.gate, state.metrics, admission, chat, gen, ids, headers)
+    responder = ChatResponder(state.engine, state.gate, state.metrics, admission, chat, gens, ids, headers)
     return await responder.respond()
 
 

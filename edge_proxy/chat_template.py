@@ -10,7 +10,9 @@ encoded piece by piece, the template's pieces as usual and the content's with sp
 
 from __future__ import annotations
 
+import json
 import logging
+import weakref
 from typing import Any, Sequence
 
 from veil.errors import InvalidRequest
@@ -18,8 +20,29 @@ from veil.errors import InvalidRequest
 log = logging.getLogger("veil.edge.template")
 
 
-def _render_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+Tools = list[dict[str, Any]] | None  # function definitions for a template that writes them itself
+_TOOL_PROBE = {"type": "function", "function": {"name": "veil_probe_fn", "description": "", "parameters": {}}}
+_tool_templates: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def supports_tools(tokenizer: Any) -> bool:
+    """Whether the model's chat template writes tool definitions itself (Qwen2.5 and Qwen3 do, SmolLM2 does not)."""
+    known = _tool_templates.get(tokenizer)
+    if known is None:
+        probe = [{"role": "user", "content": "x"}]
+        try:
+            text = tokenizer.apply_chat_template(probe, tools=[_TOOL_PROBE], add_generation_prompt=True, tokenize=False)
+        except Exception:  # a template that cannot take tools
+            text = ""
+        known = "veil_probe_fn" in text
+        _tool_templates[tokenizer] = known
+    return known
+
+
+def _render_text(tokenizer: Any, messages: list[dict[str, str]], tools: Tools = None) -> str:
     try:
+        if tools:
+            return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # jinja raises template-defined errors (e.g. role order) as plain exceptions
         raise InvalidRequest("the messages do not fit the model's chat template", param="messages",
@@ -50,13 +73,15 @@ def _tokenize(tokenizer: Any, text: str, *, as_text: bool = False) -> tuple[list
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
-def _encode(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[tuple[int, int]],
-                                                                       list[tuple[int, int]] | None]:
+def _encode(tokenizer: Any, messages: list[dict[str, str]], tools: Tools = None) -> tuple[
+        list[int], list[tuple[int, int]], list[tuple[int, int]] | None]:
     """-> (ids, character offsets, content ranges or None), with content tokenized as plain text."""
-    text = _render_text(tokenizer, messages)
+    control = _control_ids(tokenizer)
+    if tools and set(_tokenize(tokenizer, json.dumps(tools, ensure_ascii=False))[0]) & control:
+        raise InvalidRequest("'tools' holds the chat template's control tokens", param="tools", code="invalid_value")
+    text = _render_text(tokenizer, messages, tools)
     ids, offsets = _tokenize(tokenizer, text)
     ranges = _content_ranges(text, messages)
-    control = _control_ids(tokenizer)
     if ranges is None:
         if any(set(_tokenize(tokenizer, m["content"])[0]) & control for m in messages):
             raise InvalidRequest("message content holds the chat template's control tokens, and this model's "
@@ -78,19 +103,19 @@ def _encode(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], 
     return ids, offsets, ranges
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    return _encode(tokenizer, messages)[0]
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]], tools: Tools = None) -> list[int]:
+    return _encode(tokenizer, messages, tools)[0]
 
 
 def render_with_positions(tokenizer: Any, messages: list[dict[str, str]],
-                          spans: Sequence[tuple[int, int, int]]) -> tuple[list[int], frozenset[int]]:
+                          spans: Sequence[tuple[int, int, int]], tools: Tools = None) -> tuple[list[int], frozenset[int]]:
     """Prompt ids as render_prompt gives them, and the token positions that overlap any of `spans`
     ((message index, start, end) character ranges of a message's content).
 
     A template that rewrites content (so it cannot be found verbatim) gets every position marked: the
     spans' tokens must not go out unprotected.
     """
-    ids, offsets, ranges = _encode(tokenizer, messages)
+    ids, offsets, ranges = _encode(tokenizer, messages, tools)
     if not spans:
         return ids, frozenset()
     if ranges is None:

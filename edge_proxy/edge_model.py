@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from cloaking.checkpoint import load_tokenizer
 from cloaking.cloak import unseal_rotation
 from cloaking.secretbox import KeySource
+from edge_proxy.grammar import Grammars
 from veil.bundle import (
     EDGE_LAYERS_SPEC,
     EDGE_LAYERS_WEIGHTS,
@@ -48,6 +49,7 @@ class EdgeModel:
         self.rotated_head = (lm_head.double() * norm.double()[None, :] @ q64.T).float().contiguous()  # [V, d]
         self.head = Linear(self.rotated_head)
         self.eos_ids = frozenset(spec.eos_token_ids)
+        self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_ids)  # built on first use
 
     @classmethod
     def load(cls, bundle_dir: Path, key_source: KeySource) -> "EdgeModel":
@@ -75,5 +77,9 @@ class EdgeModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[d] rotated residual state from the core -> [V] logits."""
+        return self.logits_rows(hidden[None, :])[0]
+
+    def logits_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, d] rotated residual states -> [n, V] logits, in one GEMM."""
         h = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=self.spec.rms_norm_eps)
-        return self.head(h[None, :])[0]
+        return self.head(h)

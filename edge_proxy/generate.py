@@ -14,6 +14,7 @@ import torch
 from edge_proxy.core_client import CoreTransport
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.generation import Generation, Status
+from edge_proxy.logprobs import prompt_logprobs, token_logprob
 from edge_proxy.metrics import EdgeMetrics
 from edge_proxy.outgoing import OutgoingStates
 from edge_proxy.reply_text import ReplyText
@@ -66,24 +67,25 @@ class Engine:
         return max_tokens if max_tokens is not None else room
 
     async def _send(self, outgoing: OutgoingStates, session: str, offset: int, ids: list[int],
-                    rid: str) -> torch.Tensor:
+                    rid: str, want: list[int] | None = None) -> torch.Tensor:
+        """-> [len(want), d] rotated residual states of the wanted rows (the last one by default)."""
         # edge-held blocks are real compute: keep them off the event loop
         states = outgoing(ids, offset) if self.model.edge_stack is None else \
             await asyncio.to_thread(outgoing, ids, offset)
-        req = StepRequest(session, offset, states, request_id=rid, bundle_id=self.model.spec.bundle_id)
+        req = StepRequest(session, offset, states, want or [-1], request_id=rid, bundle_id=self.model.spec.bundle_id)
         try:
             result = await self.core.step(req)
         except (BundleMismatch, CoreIdentityMismatch):
             self.context_limit = None  # the core was redeployed or replaced: verify it again before the next request
             raise
         self.metrics.core_compute.observe(result.compute_ms / 1000)
-        return result.hidden[-1]
+        return result.hidden
 
     async def _step(self, outgoing: OutgoingStates, session: str, offset: int, pending: list[int],
-                    history: list[int], rid: str) -> torch.Tensor:
+                    history: list[int], rid: str, want: list[int] | None = None) -> torch.Tensor:
         started = time.perf_counter()
         try:
-            hidden = await self._send(outgoing, session, offset, pending, rid)
+            hidden = await self._send(outgoing, session, offset, pending, rid, want)
         except SessionLost:
             if offset == 0:
                 raise
@@ -94,27 +96,69 @@ class Engine:
         self.metrics.step_roundtrip.observe(time.perf_counter() - started)
         return hidden
 
-    def _next_token(self, hidden: torch.Tensor, sampler: Sampler) -> int:
+    def _next_token(self, hidden: torch.Tensor, sampler: Sampler, gen: Generation) -> int:
+        """LM head, the grammar's mask, sampling; the token's log-probability when asked (runs in a thread)."""
         started = time.perf_counter()
-        token = sampler.sample(self.model.logits(hidden))
+        logits = self.model.logits(hidden)
+        token = sampler.sample(logits, None if gen.constraint is None else gen.constraint.allowed())
+        if token not in self.model.eos_ids:
+            if gen.logprobs is not None:
+                gen.token_logprobs.append(token_logprob(logits, token, gen.logprobs))
+            if gen.constraint is not None:
+                gen.constraint.advance(token)
         self.metrics.head.observe(time.perf_counter() - started)
         return token
 
+    def _prefilled(self, rows: torch.Tensor, gen: Generation) -> torch.Tensor:
+        """The prefill's rows -> the state after the prompt; the prompt's log-probabilities when asked."""
+        if gen.prompt_logprobs is not None:
+            logits = self.model.logits_rows(rows)
+            gen.prompt_token_logprobs = prompt_logprobs(logits, gen.prompt_ids, gen.prompt_logprobs)
+        return rows[-1]
+
     async def run(self, gen: Generation) -> AsyncIterator[str]:
         """Yield the reply's text deltas; `gen` holds the tokens, counts and the finish reason as it goes."""
+        async for _, text in self.run_choices([gen]):
+            if text is not None:
+                yield text
+
+    async def run_choices(self, gens: list[Generation]) -> AsyncIterator[tuple[int, str | None]]:
+        """Generate each of `gens` (choices of one prompt) in turn on one core session: (choice, text delta),
+        and (choice, None) once that choice has ended.
+
+        The prompt is prefilled once. A later choice starts from the state after the prompt, and its first
+        token goes to the core at the prompt's end, where the core rolls back the previous choice's tokens."""
+        assert gens and all(g.prompt_ids == gens[0].prompt_ids for g in gens)
         session = secrets.token_hex(16)
-        outgoing = OutgoingStates(self.model, gen.noise, span_noise=gen.span_noise)
+        # one outgoing stream for every choice: the prompt's rows (and their noise) are drawn once
+        outgoing = OutgoingStates(self.model, gens[0].noise, span_noise=gens[0].span_noise)
+        after_prompt: torch.Tensor | None = None
+        try:
+            for index, gen in enumerate(gens):
+                if after_prompt is None:
+                    want = list(range(len(gen.prompt_ids))) if gen.prompt_logprobs is not None else None
+                    rows = await self._step(outgoing, session, 0, gen.prompt_ids, gen.prompt_ids, gen.request_id,
+                                            want)
+                    after_prompt = await asyncio.to_thread(self._prefilled, rows, gen)
+                async for text in self._choice(gen, outgoing, session, after_prompt):
+                    yield index, text
+                yield index, None
+        finally:
+            # Runs on completion, error and client disconnect; shielded so cancellation cannot skip it.
+            with anyio.CancelScope(shield=True):
+                await self.core.close_session(session)
+
+    async def _choice(self, gen: Generation, outgoing: OutgoingStates, session: str,
+                      hidden: torch.Tensor) -> AsyncIterator[str]:
         sampler = Sampler(gen.sampling, self.model.vocab_size)
         reply = ReplyText(self.model.tokenizer, gen.prompt_ids, gen.stops, gen.restorer, gen.output_gate)
-        history, pending, offset = list(gen.prompt_ids), list(gen.prompt_ids), 0
+        history, offset = list(gen.prompt_ids), len(gen.prompt_ids)
         gen.status = Status.RUNNING
-        reason = "stop"  # EOS, unless the token limit or the reply text ends it first
+        reason = "stop"  # EOS or a completed grammar, unless the token limit or the reply text ends it first
         ended: str | None = None  # set when the reply text itself ends the reply (a stop string, an output rule)
         try:
             while True:
-                hidden = await self._step(outgoing, session, offset, pending, history, gen.request_id)
-                offset += len(pending)
-                token = await asyncio.to_thread(self._next_token, hidden, sampler)
+                token = await asyncio.to_thread(self._next_token, hidden, sampler, gen)
                 gen.add_token(token)
                 if token in self.model.eos_ids:
                     break
@@ -122,13 +166,14 @@ class Engine:
                 text, ended = reply.push(token)
                 if text:
                     yield text
-                if ended is not None:
+                if ended is not None or (gen.constraint is not None and gen.constraint.complete):
                     break
                 if not gen.room_left:
                     reason = "length"
                     break
-                pending = [token]
-            if ended is None:  # EOS or the token limit: release what the pipeline still holds
+                hidden = (await self._step(outgoing, session, offset, [token], history, gen.request_id))[-1]
+                offset += 1
+            if ended is None:  # EOS, the grammar or the token limit: release what the pipeline still holds
                 tail, ended = reply.finish()
                 if tail:
                     yield tail
@@ -137,7 +182,3 @@ class Engine:
         except BaseException as exc:
             gen.abandon(cancelled=isinstance(exc, (GeneratorExit, asyncio.CancelledError)))
             raise
-        finally:
-            # Runs on completion, error and client disconnect; shielded so cancellation cannot skip it.
-            with anyio.CancelScope(shield=True):
-                await self.core.close_session(session)

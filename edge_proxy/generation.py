@@ -7,6 +7,8 @@ import enum
 import time
 
 from admin.guardrails import OutputGate
+from edge_proxy.grammar import Constraint
+from edge_proxy.logprobs import TokenLogprob
 from edge_proxy.outgoing import NoiseSpec, SpanNoise
 from edge_proxy.sampling import SamplingParams
 from edge_proxy.spans.restore import PlaceholderRestorer
@@ -33,8 +35,13 @@ class Generation:
     span_noise: SpanNoise | None = None
     restorer: PlaceholderRestorer | None = None  # puts protected spans back into the reply
     output_gate: OutputGate | None = None  # output guardrails
+    constraint: Constraint | None = None  # a grammar the reply must follow (structured output, tool calls)
+    logprobs: int | None = None  # report each sampled token's log-probability with this many alternatives
+    prompt_logprobs: int | None = None  # also the prompt tokens' (legacy completions with echo)
     status: Status = Status.WAITING
     output_ids: list[int] = dataclasses.field(default_factory=list)  # every sampled token, EOS included
+    token_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # one per reply token (not EOS)
+    prompt_token_logprobs: list[TokenLogprob | None] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # stop, length or content_filter
     blocked_rule: str | None = None  # the output rule behind content_filter
     started_at: float = dataclasses.field(default_factory=time.perf_counter)

@@ -20,31 +20,25 @@ class ChatIds:
                 "system_fingerprint": self.fingerprint}
 
 
-def usage(gen: Generation) -> dict[str, int]:
-    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-            "total_tokens": gen.total_tokens}
+def usage(gens: list[Generation]) -> dict[str, int]:
+    """The prompt counts once, however many choices were generated from it."""
+    prompt = gens[0].prompt_tokens
+    completion = sum(g.completion_tokens for g in gens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion_object(ids: ChatIds, text: str, gen: Generation) -> dict[str, Any]:
-    return {
-        **ids.base("chat.completion"),
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None,
-            "finish_reason": gen.finish_reason,
-        }],
-        "usage": usage(gen),
-    }
+def completion_object(ids: ChatIds, choices: list[dict[str, Any]], gens: list[Generation]) -> dict[str, Any]:
+    return {**ids.base("chat.completion"), "choices": choices, "usage": usage(gens)}
 
 
-def chunk(ids: ChatIds, delta: dict[str, Any], finish_reason: str | None, with_usage: bool) -> dict[str, Any]:
+def chunk(ids: ChatIds, index: int, delta: dict[str, Any], finish_reason: str | None, with_usage: bool,
+          logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     obj = {**ids.base("chat.completion.chunk"),
-           "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+           "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if with_usage:
         obj["usage"] = None
     return obj
 
 
-def usage_chunk(ids: ChatIds, gen: Generation) -> dict[str, Any]:
-    return {**ids.base("chat.completion.chunk"), "choices": [], "usage": usage(gen)}
+def usage_chunk(ids: ChatIds, gens: list[Generation]) -> dict[str, Any]:
+    return {**ids.base("chat.completion.chunk"), "choices": [], "usage": usage(gens)}

@@ -20,6 +20,7 @@ from edge_proxy.gatekeeper import Admission, Gatekeeper
 from edge_proxy.generate import Engine
 from edge_proxy.generation import Generation
 from edge_proxy.metrics import EdgeMetrics
+from edge_proxy.reply import ChoiceReply
 from edge_proxy.schemas import ChatRequest
 from veil.errors import VeilError
 
@@ -28,10 +29,12 @@ log = logging.getLogger("veil.edge")
 
 class ChatResponder:
     def __init__(self, engine: Engine, gate: Gatekeeper, metrics: EdgeMetrics, admission: Admission,
-                 chat: ChatRequest, gen: Generation, ids: shapes.ChatIds, headers: dict[str, str]):
+                 chat: ChatRequest, gens: list[Generation], ids: shapes.ChatIds, headers: dict[str, str]):
         self.gate, self.metrics, self.admission, self.principal = gate, metrics, admission, admission.principal
-        self.chat, self.gen, self.ids, self.headers = chat, gen, ids, headers
-        self.deltas = engine.run(gen)
+        self.chat, self.gens, self.ids, self.headers = chat, gens, ids, headers
+        token_bytes = engine.model.grammars.token_bytes
+        self.replies = [ChoiceReply(i, g, chat.tools, token_bytes) for i, g in enumerate(gens)]
+        self.events = engine.run_choices(gens)
         self._settled = False
 
     async def respond(self) -> Response[Any]:
@@ -40,7 +43,9 @@ class ChatResponder:
     async def _json(self) -> Response[Any]:
         status = "error"
         try:
-            text = "".join([piece async for piece in self.deltas])
+            async for index, text in self.events:
+                if text is not None:
+                    self.replies[index].feed(text)
             status = "200"
         except VeilError as exc:
             status = str(exc.status_code)
@@ -48,12 +53,13 @@ class ChatResponder:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._settle(status)
-        return Response(shapes.completion_object(self.ids, text, self.gen), headers=self.headers)
+        body = shapes.completion_object(self.ids, [r.message() for r in self.replies], self.gens)
+        return Response(body, headers=self.headers)
 
     async def _stream(self) -> Response[Any]:
         # Run the prefill before answering 200, so a dead core is an error status rather than a broken stream.
         try:
-            first = await anext(self.deltas, None)
+            first = await anext(self.events, None)
         except VeilError as exc:
             await self._settle(str(exc.status_code))
             raise
@@ -63,24 +69,38 @@ class ChatResponder:
             raise
         # Start the event generator here: a started generator's `finally` runs even if the stream is never
         # sent (it is closed when dropped), so the admission is released whatever happens to the response.
-        events = self._events(first)
+        events = self._sse(first)
         head = await anext(events)
         return Stream(_prepend(head, events), media_type="text/event-stream", headers={**self.headers, **sse.HEADERS})
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        return sse.event(shapes.chunk(self.ids, delta, finish_reason, self.chat.include_usage))
+    def _chunk(self, index: int, delta: dict[str, Any], finish_reason: str | None = None,
+               logprobs: dict[str, Any] | None = None) -> bytes:
+        return sse.event(shapes.chunk(self.ids, index, delta, finish_reason, self.chat.include_usage, logprobs))
 
-    async def _events(self, first: str | None) -> AsyncIterator[bytes]:
-        status = "200"
+    def _deltas(self, reply: ChoiceReply, deltas: list[dict[str, Any]]) -> list[bytes]:
+        """Chunks for a choice's deltas; the log-probabilities of the tokens behind them go with the first."""
+        logprobs = reply.new_logprobs() if deltas else None
+        return [self._chunk(reply.index, d, logprobs=logprobs if i == 0 else None) for i, d in enumerate(deltas)]
+
+    async def _sse(self, first: tuple[int, str | None] | None) -> AsyncIterator[bytes]:
+        status, started = "200", -1
         try:
-            yield self._chunk({"role": "assistant", "content": "", "refusal": None})
-            if first is not None:
-                yield self._chunk({"content": first})
-                async for piece in self.deltas:
-                    yield self._chunk({"content": piece})
-            yield self._chunk({}, self.gen.finish_reason)
+            pending = [] if first is None else [first]
+            async for event in _chain(pending, self.events):
+                index, text = event
+                reply = self.replies[index]
+                if index != started:  # each choice opens with its role
+                    started = index
+                    yield self._chunk(index, {"role": "assistant", "content": "", "refusal": None})
+                if text is not None:
+                    for chunk in self._deltas(reply, reply.feed(text)):
+                        yield chunk
+                    continue
+                for chunk in self._deltas(reply, reply.finish()):
+                    yield chunk
+                yield self._chunk(index, {}, reply.finish_reason, reply.new_logprobs())
             if self.chat.include_usage:
-                yield sse.event(shapes.usage_chunk(self.ids, self.gen))
+                yield sse.event(shapes.usage_chunk(self.ids, self.gens))
         except VeilError as exc:
             status = str(exc.status_code)
             yield sse.error_event(exc)
@@ -89,7 +109,7 @@ class ChatResponder:
             raise
         finally:
             with anyio.CancelScope(shield=True):
-                await self.deltas.aclose()  # type: ignore[attr-defined]
+                await self.events.aclose()  # type: ignore[attr-defined]
                 await self._settle(status)
         yield sse.DONE
 
@@ -97,23 +117,32 @@ class ChatResponder:
         if self._settled:
             return
         self._settled = True
-        gen, m = self.gen, self.metrics
-        await self.gate.release(self.admission, gen.total_tokens)
-        if gen.blocked_rule is not None:
-            self.gate.blocked(self.principal, gen.blocked_rule, gen.request_id, "output")
-        if gen.restorer is not None:
-            m.placeholders.labels(outcome="restored").inc(gen.restorer.restored)
-            m.placeholders.labels(outcome="mangled").inc(gen.restorer.mangled)
+        gen, m = self.gens[0], self.metrics
+        used = shapes.usage(self.gens)
+        await self.gate.release(self.admission, used["total_tokens"])
+        for g in self.gens:
+            if g.blocked_rule is not None:
+                self.gate.blocked(self.principal, g.blocked_rule, g.request_id, "output")
+            if g.restorer is not None:
+                m.placeholders.labels(outcome="restored").inc(g.restorer.restored)
+                m.placeholders.labels(outcome="mangled").inc(g.restorer.mangled)
         m.requests.labels(status=status).inc()
-        m.prompt_tokens.inc(gen.prompt_tokens)
-        m.completion_tokens.inc(gen.completion_tokens)
-        ttft, elapsed = gen.ttft_seconds(), gen.elapsed_seconds()
+        m.prompt_tokens.inc(used["prompt_tokens"])
+        m.completion_tokens.inc(used["completion_tokens"])
+        ttft, elapsed = gen.ttft_seconds(), max(g.elapsed_seconds() for g in self.gens)
         if ttft is not None:
             m.ttft.observe(ttft)
         log.info("chat rid=%s status=%s stream=%s prompt_tokens=%d completion_tokens=%d finish=%s "
-                 "ttft_ms=%.1f total_ms=%.1f", gen.request_id, status, self.chat.stream, gen.prompt_tokens,
-                 gen.completion_tokens, gen.finish_reason, (ttft if ttft is not None else elapsed) * 1000,
+                 "ttft_ms=%.1f total_ms=%.1f", gen.request_id, status, self.chat.stream, used["prompt_tokens"],
+                 used["completion_tokens"], gen.finish_reason, (ttft if ttft is not None else elapsed) * 1000,
                  elapsed * 1000)
+
+
+async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
 
 
 async def _prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

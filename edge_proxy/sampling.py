@@ -48,9 +48,11 @@ class Sampler:
             logits -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0).float()
         return logits
 
-    def sample(self, logits: torch.Tensor) -> int:
-        """[V] logits -> next token id."""
+    def sample(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> int:
+        """[V] logits -> next token id; `allowed` ([V] bool, a grammar's mask) leaves only those tokens possible."""
         logits = self._adjust(logits)  # unadjusted greedy stays on the float32 logits: nothing to convert
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))  # a new tensor: the caller's logits stay as they are
         p = self.params
         if p.temperature == 0.0:
             token = int(torch.argmax(logits))

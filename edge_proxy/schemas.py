@@ -6,19 +6,20 @@ import dataclasses
 import json
 from typing import Any
 
+from edge_proxy.logprobs import MAX_TOP_LOGPROBS
 from edge_proxy.sampling import SamplingParams
+from edge_proxy.tools import ToolSpec, assistant_text, fold_tool_messages, parse_tools
 from veil.errors import InvalidRequest
 
-ROLES = {"system", "developer", "user", "assistant"}
+ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256  # per stop string: the matcher holds back up to this much of the reply
 MAX_MESSAGES = 2048  # OpenAI's limit on 'messages'
 MAX_CONTENT_PARTS = 2048  # text parts in one message's content
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on 'logit_bias' entries
-_UNSUPPORTED = {
-    "tools": "tool calling", "functions": "function calling", "tool_choice": "tool calling",
-    "function_call": "function calling", "audio": "audio output",
-}
+MAX_N = 16  # choices per request: generated one after another on the request's core session
+_UNSUPPORTED = {"functions": "function calling (use 'tools')", "function_call": "function calling (use 'tool_choice')",
+                "audio": "audio output"}
 
 
 @dataclasses.dataclass(slots=True)
@@ -30,6 +31,41 @@ class ChatRequest:
     include_usage: bool = False
     stop: list[str] = dataclasses.field(default_factory=list)
     max_tokens: int | None = None
+    n: int = 1
+    logprobs: int | None = None  # None: off; else how many alternatives per token (top_logprobs)
+    output_schema: dict[str, Any] | None = None  # response_format: the JSON schema the reply must match
+    tools: ToolSpec | None = None  # None when no tool may be called
+
+
+def _schema(fmt: dict[str, Any]) -> dict[str, Any]:
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise _bad("response_format of type json_schema needs a 'json_schema' object", "response_format.json_schema")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name or len(name) > 64:
+        raise _bad("response_format.json_schema.name must be a string of 1-64 characters",
+                   "response_format.json_schema.name")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise _bad("response_format.json_schema.schema must be a JSON schema object", "response_format.json_schema.schema")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise _bad("response_format.json_schema.strict must be a boolean", "response_format.json_schema.strict")
+    return schema
+
+
+def output_schema(fmt: Any, param: str = "response_format") -> dict[str, Any] | None:
+    """The JSON schema `response_format` asks the reply to follow; None for plain text."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        return _schema(fmt)
+    raise _bad(f"'{param}' must be of type text, json_object or json_schema", param)
 
 
 def _bad(message: str, param: str) -> InvalidRequest:
@@ -96,8 +132,26 @@ def _messages(body: dict) -> list[dict[str, str]]:
             raise _bad(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}", f"messages[{i}].role")
         if role != "assistant" and msg.get("content") is None:
             raise _bad(f"messages[{i}].content is required", f"messages[{i}].content")
-        out.append({"role": "system" if role == "developer" else role, "content": _text(msg.get("content"), i)})
-    return out
+        content = _text(msg.get("content"), i)
+        if role == "assistant" and msg.get("tool_calls"):
+            content = assistant_text(content, _tool_calls(msg["tool_calls"], i))
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return fold_tool_messages(out)
+
+
+def _tool_calls(raw: Any, i: int) -> list[tuple[str, str]]:
+    """An assistant turn's earlier tool calls: (name, arguments) each, the arguments as the model wrote them."""
+    param = f"messages[{i}].tool_calls"
+    if not isinstance(raw, list) or len(raw) > MAX_MESSAGES:
+        raise _bad(f"{param} must be an array of tool calls", param)
+    calls = []
+    for call in raw:
+        fn = call.get("function") if isinstance(call, dict) else None
+        name, args = (fn.get("name"), fn.get("arguments")) if isinstance(fn, dict) else (None, None)
+        if not isinstance(name, str) or not isinstance(args, str):
+            raise _bad(f"{param}: each call needs function.name and function.arguments strings", param)
+        calls.append((name, args))
+    return calls
 
 
 def _stop(body: dict) -> list[str]:
@@ -150,14 +204,13 @@ def parse_chat_request(raw: bytes, vocab_size: int) -> ChatRequest:
     for key, what in _UNSUPPORTED.items():
         if body.get(key):
             raise InvalidRequest(f"{what} ('{key}') is not supported by this model", param=key, code="unsupported_parameter")
-    if _int(body, "n", 1, 1) not in (None, 1):
-        raise _bad("only n=1 is supported", "n")
-    if body.get("logprobs"):
-        raise InvalidRequest("'logprobs' is not supported yet", param="logprobs", code="unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise InvalidRequest("only response_format {'type': 'text'} is supported", param="response_format",
-                             code="unsupported_parameter")
+    n = _int(body, "n", 1, MAX_N) or 1
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise _bad("'logprobs' must be a boolean", "logprobs")
+    top = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top is not None and not logprobs:
+        raise _bad("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean", "stream")
@@ -186,4 +239,8 @@ def parse_chat_request(raw: bytes, vocab_size: int) -> ChatRequest:
         include_usage=bool((options or {}).get("include_usage", False)),
         stop=_stop(body),
         max_tokens=max_tokens,
+        n=n,
+        logprobs=(top or 0) if logprobs else None,
+        output_schema=output_schema(body.get("response_format")),
+        tools=parse_tools(body),
     )
