@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import logging
-import re
 import secrets
-import time
 from typing import Any
 
 import anyio
 from litestar import Litestar, Request, Response, get, post
-from litestar.datastructures import State
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from admin.api import admin_router, me_route
 from admin.plane import PolicyPlane, build_plane
-from admin.principal import Principal, Scope
+from admin.principal import Scope
 from admin.ratelimit import rate_limit_headers
 from edge_proxy import openai_shapes as shapes
 from edge_proxy.admission import SessionShare
@@ -27,89 +24,41 @@ from edge_proxy.metrics import EdgeMetrics
 from edge_proxy.openapi_chat import ChatOperation
 from edge_proxy.prepare import prepare
 from edge_proxy.respond import ChatResponder
+from edge_proxy.routing import EdgeState, admitted, check_model, principal_for
 from edge_proxy.schemas import parse_chat_request
-from veil.errors import NotFound, PayloadTooLarge, VeilError
+from veil.errors import VeilError
 from veil.http import EXCEPTION_HANDLERS
 from veil.openapi import AUTHENTICATED, WITH_PATH, documented
 from veil.settings import Settings
 
 log = logging.getLogger("veil.edge")
-_RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _CORE_DOWN = {502: "the core answered something invalid", 503: "the core is unreachable or serves another bundle",
               504: "the core did not answer in time"}
-
-
-class EdgeState(State):
-    settings: Settings
-    model: EdgeModel
-    core: CoreTransport
-    engine: Engine
-    metrics: EdgeMetrics
-    plane: PolicyPlane
-    gate: Gatekeeper
-    # the admin API reads these three straight off the state
-    auth: Any
-    policy: Any
-    audit: Any
 
 
 def _model_object(state: EdgeState) -> dict[str, Any]:
     return {"id": state.settings.model.name, "object": "model", "created": 0, "owned_by": "veil"}
 
 
-def _check_model(state: EdgeState, model_id: str) -> None:
-    if model_id != state.settings.model.name:
-        raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
-
-
-def _request_id(request: Request) -> str:
-    rid = request.scope.get("state", {}).get("request_id")
-    if rid is None:
-        rid = request.headers.get("x-request-id", "")
-        rid = rid if _RID.match(rid) else secrets.token_hex(8)
-        request.scope.setdefault("state", {})["request_id"] = rid
-    return rid
-
-
-async def _principal(request: Request, state: EdgeState, scope: Scope) -> Principal:
-    return await state.gate.principal(request.headers, scope, _request_id(request), request.url.path)
-
-
 @get("/v1/models", operation_class=documented(AUTHENTICATED), summary="List the models")
 async def list_models(request: Request, state: EdgeState) -> dict[str, Any]:
-    await _principal(request, state, Scope.READ)
+    await principal_for(request, state, Scope.READ)
     return {"object": "list", "data": [_model_object(state)]}
 
 
 @get("/v1/models/{model_id:str}", operation_class=documented(AUTHENTICATED, WITH_PATH),
      summary="Show one model")
 async def get_model(request: Request, model_id: str, state: EdgeState) -> dict[str, Any]:
-    await _principal(request, state, Scope.READ)
-    _check_model(state, model_id)
+    await principal_for(request, state, Scope.READ)
+    check_model(state, model_id)
     return _model_object(state)
-
-
-def _check_declared_size(request: Request, limit: int) -> None:
-    """A body declared over the limit is refused before anything is spent on it (the read enforces it too)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
 
 
 @post("/v1/chat/completions", status_code=200, operation_class=ChatOperation,
       summary="Create a chat completion (OpenAI-compatible)")
 async def chat_completions(request: Request[Any, Any, EdgeState], state: EdgeState) -> Response[Any]:
-    started, rid = time.perf_counter(), _request_id(request)
-    # guard: who asks; then the cheap admission (rpm, a core session) before the body is even read
-    principal = await _principal(request, state, Scope.GENERATE)
-    _check_declared_size(request, state.settings.edge.max_request_bytes)
-    admission = await state.gate.admit(principal, rid)
-    try:
-        return await _chat(request, state, admission, rid, started)
-    except BaseException:
-        with anyio.CancelScope(shield=True):  # refused before it ran (or the client left): free what it holds
-            await state.gate.release(admission, 0)
-        raise
+    return await admitted(request, state, lambda admission, rid, started: _chat(request, state, admission, rid,
+                                                                                  started))
 
 
 async def _chat(request: Request[Any, Any, EdgeState], state: EdgeState, admission: Admission, rid: str,
@@ -117,7 +66,7 @@ async def _chat(request: Request[Any, Any, EdgeState], state: EdgeState, admissi
     # parse off the event loop: the body may be megabytes of JSON
     body = await request.body()
     chat = await anyio.to_thread.run_sync(parse_chat_request, body, state.model.vocab_size)
-    _check_model(state, chat.model)
+    check_model(state, chat.model)
     await state.engine.connect()
     # prepare: policy, template and budget; then reserve the worst case against the key's tpm
     gens = await prepare(state.gate, state.engine, state.model, state.settings.privacy, admission.principal, chat,
@@ -145,7 +94,7 @@ async def readyz(state: EdgeState) -> dict[str, str]:
      summary="Prometheus metrics")
 async def metrics(request: Request, state: EdgeState) -> Response[bytes]:
     """Prometheus metrics, for a key with the `metrics` scope (or admin) when auth is on."""
-    await _principal(request, state, Scope.METRICS)
+    await principal_for(request, state, Scope.METRICS)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

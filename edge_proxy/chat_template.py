@@ -123,3 +123,14 @@ def render_with_positions(tokenizer: Any, messages: list[dict[str, str]],
     chars = [(ranges[i][0] + a, ranges[i][0] + b) for i, a, b in spans]
     positions = {t for t, (a, b) in enumerate(offsets) if any(a < e and b > s for s, e in chars)}
     return ids, frozenset(positions)
+
+
+def render_raw_with_positions(tokenizer: Any, text: str,
+                              spans: Sequence[tuple[int, int, int]]) -> tuple[list[int], frozenset[int]]:
+    """A raw prompt (legacy completions: no template) tokenized as transformers does by default, BOS included
+    where the tokenizer adds one, and the positions overlapping `spans` (all in message 0, the prompt)."""
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    chars = [(a, b) for _, a, b in spans]
+    positions = {t for t, (a, b) in enumerate(offsets) if b > a and any(a < e and b > s for s, e in chars)}
+    return ids, frozenset(positions)

@@ -14,7 +14,7 @@ import anyio
 
 from admin.principal import Principal
 from edge_proxy import tools as tool_calls
-from edge_proxy.chat_template import render_with_positions, supports_tools
+from edge_proxy.chat_template import render_raw_with_positions, render_with_positions, supports_tools
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.gatekeeper import Gatekeeper
 from edge_proxy.generate import Engine
@@ -38,8 +38,22 @@ def reply_grammar(chat: ChatRequest) -> tuple[str, str] | None:
 
 
 async def prepare(gate: Gatekeeper, engine: Engine, model: EdgeModel, privacy: PrivacySettings,
-                  principal: Principal, chat: ChatRequest, rid: str, started_at: float) -> list[Generation]:
+                  principal: Principal, chat: ChatRequest, rid: str, started_at: float, *,
+                  raw_prompt: str | None = None, prompt_logprobs: int | None = None) -> list[Generation]:
+    """`raw_prompt` (legacy completions) is tokenized as it is, with no chat template; `prompt_logprobs` asks
+    for the prompt tokens' log-probabilities too (with this many alternatives)."""
+    def guard_protect_raw(text: str) -> tuple[ProtectedPrompt | None, list[int], frozenset[int]]:
+        messages = [{"role": "user", "content": text}]
+        messages = gate.guard_prompt(principal, messages, rid) or messages
+        protected = gate.protect_prompt(principal, messages, rid)
+        if protected is None:
+            return None, *render_raw_with_positions(model.tokenizer, messages[0]["content"], [])
+        return protected, *render_raw_with_positions(model.tokenizer, protected.messages[0]["content"],
+                                                     protected.noisy)
+
     def guard_protect_render() -> tuple[ProtectedPrompt | None, list[int], frozenset[int]]:
+        if raw_prompt is not None:
+            return guard_protect_raw(raw_prompt)
         messages, definitions = chat.messages, None
         if chat.tools is not None:  # the model's own tool format when its template has one, else Veil's
             if supports_tools(model.tokenizer):
@@ -60,6 +74,7 @@ async def prepare(gate: Gatekeeper, engine: Engine, model: EdgeModel, privacy: P
         max_new = engine.budget(len(prompt_ids), chat.max_tokens)
         gens = [_generation(chat, rid, started_at, prompt_ids, max_new, privacy, principal, protected, positions,
                             gate, model, grammar, i) for i in range(chat.n)]
+        gens[0].prompt_logprobs = prompt_logprobs  # the prompt is prefilled once, for the first choice
         return protected, prompt_ids, positions, gens
 
     return (await anyio.to_thread.run_sync(build))[3]
