@@ -115,6 +115,7 @@ class RedisSettings:
 @dataclasses.dataclass(slots=True)
 class AdminClientSettings:
     edge_url: str = "http://127.0.0.1:8000"  # where `veil admin` sends its requests (VEIL_EDGE_URL)
+    api_key: str = ""  # the client key `veil chat` sends as its OpenAI API key (VEIL_API_KEY)
 
 
 @dataclasses.dataclass(slots=True)
@@ -245,6 +246,7 @@ ENV_ALIASES = {
     "VEIL_POLICY_STORE": ("policy", "store"),
     "VEIL_REDIS_URL": ("redis", "url"),
     "VEIL_EDGE_URL": ("admin", "edge_url"),
+    "VEIL_API_KEY": ("admin", "api_key"),
 }
 
 

@@ -14,9 +14,9 @@ from privacy_audit import cli as audit_cli
 from veil.errors import VeilError
 from veil.logs import configure
 from veil.settings import load_settings
-from veil_cli import up
+from veil_cli import chat, up
 
-ROLES = (up, core_cli, edge_cli, cloak_cli, admin_cli, audit_cli)  # in the order `veil --help` lists them
+ROLES = (up, chat, core_cli, edge_cli, cloak_cli, admin_cli, audit_cli)  # in the order `veil --help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
