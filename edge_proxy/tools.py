@@ -31,8 +31,13 @@ OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 _HEAD = OPEN + '{"name": "'
 _ARGS = '", "arguments": '
 _END = "}" + CLOSE  # closes the call object, then the block: cannot occur inside compact JSON arguments
-# plain text that is not a tool call: anything without the opening tag (llguidance's & and ~ on lexemes)
-_TEXT_RULE = r"TEXT: /(?s:.+)/ & ~/(?s:.*)<tool_call>(?s:.*)/"
+# A model that goes on to write the tool's answer itself has finished calling: the reply ends there, and
+# the parser drops this text (models not trained on the format reach for it rather than for EOS).
+RESULT = "\n<tool_response>"
+# a plain answer: text in which nothing opens like the format's tags (`<tool`, `</tool`), so a model can
+# neither write a call the parser would miss nor invent the tool's response instead of calling it
+# (llguidance's & and ~ on lexemes)
+_TEXT_RULE = r"TEXT: /(?s:.+)/ & ~/(?s:.*)<\/?tool(?s:.*)/"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -181,15 +186,19 @@ def _literal(text: str) -> str:
 def grammar(spec: ToolSpec, answer_rule: str | None = None) -> str:
     """Lark grammar of the reply: calls only (required, named), or calls or a plain answer (auto). An answer
     under response_format is `answer_rule` (a `%json` body) instead of free text."""
-    rules = []
-    alternatives = []
+    rules, first, later = [], [], []
     for i, fn in enumerate(spec.offered()):
+        # the newline between calls belongs to the next call's opening literal: as a lexeme of its own it
+        # would be cut off by the longer `\n<tool_response>` before `call` could be read
         rules.append(f"call_{i}: {_literal(_HEAD + fn.name + _ARGS)} args_{i} {_literal(_END)}")
+        rules.append(f"next_{i}: {_literal(chr(10) + _HEAD + fn.name + _ARGS)} args_{i} {_literal(_END)}")
         rules.append(f"args_{i}: {lark_json(fn.parameters)}")
-        alternatives.append(f"call_{i}")
-    rules.append("call: " + " | ".join(alternatives))
+        first.append(f"call_{i}")
+        later.append(f"next_{i}")
+    rules.append("call: " + " | ".join(first))
+    rules.append("next: " + " | ".join(later))
     single = spec.named or not spec.parallel
-    rules.append("calls: call" if single else 'calls: call ("\\n" call)*')
+    rules.append(f"calls: call{'' if single else ' next*'} {_literal(RESULT)}?")
     if spec.choice != "auto":
         start = "start: calls"
     elif answer_rule is not None:
