@@ -15,7 +15,9 @@ from litestar.openapi.spec import RequestBody
 from litestar.openapi.spec.media_type import OpenAPIMediaType
 from litestar.openapi.spec.response import OpenAPIResponse
 
-from edge_proxy.schemas import MAX_CONTENT_PARTS, MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOPS
+from edge_proxy.logprobs import MAX_TOP_LOGPROBS
+from edge_proxy.schemas import MAX_CONTENT_PARTS, MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_N, MAX_STOP_CHARS, MAX_STOPS
+from edge_proxy.tools import MAX_TOOLS
 from veil.openapi import ERROR, DocumentedOperation
 
 _NUMBER_OR_NULL = ["number", "null"]
@@ -47,6 +49,40 @@ def _message(roles: list[str], content_required: bool) -> dict[str, Any]:
     }
 
 
+_FORMAT_PLAIN = {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}}
+_FORMAT_SCHEMA = {
+    "type": "object", "required": ["type", "json_schema"], "description": "the reply is JSON valid under the schema",
+    "properties": {"type": {"const": "json_schema"}, "json_schema": {
+        "type": "object", "required": ["name"],
+        "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 64}, "description": {"type": "string"},
+                       "schema": {"type": "object"}, "strict": {"type": ["boolean", "null"]}}}},
+}
+_FUNCTION_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+_TOOL = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": _FUNCTION_NAME, "description": {"type": "string"}, "parameters": {"type": "object"},
+        "strict": {"type": ["boolean", "null"]}}}}}
+_NAMED_CHOICE = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"const": "function"}, "function": {"type": "object", "required": ["name"],
+                                                "properties": {"name": _FUNCTION_NAME}}}}
+_TOOL_CALL = {"type": "object", "required": ["id", "type", "function"], "properties": {
+    "id": {"type": "string"}, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name", "arguments"],
+                 "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
+_TOKEN_LOGPROB = {"type": "object", "required": ["token", "logprob", "bytes"], "properties": {
+    "token": {"type": "string"}, "logprob": {"type": "number"}, "bytes": {"type": "array", "items": {"type": "integer"}},
+    "top_logprobs": {"type": "array", "items": {"type": "object"}}}}
+_LOGPROBS = {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
+    "content": {"type": ["array", "null"], "items": _TOKEN_LOGPROB}, "refusal": {"type": "null"}}}]}
+_TOOL_MESSAGE = {"type": "object", "required": ["role", "content", "tool_call_id"], "properties": {
+    "role": {"const": "tool"}, "tool_call_id": {"type": "string"},
+    "content": {"anyOf": [{"type": "string"}, _CONTENT_PARTS]}}}
+
+_ASSISTANT = {**_message(["assistant"], False)}
+_ASSISTANT["properties"] = {**_ASSISTANT["properties"], "tool_calls": {"type": ["array", "null"], "items": _TOOL_CALL}}
+
+
 CHAT_REQUEST: dict[str, Any] = {
     "title": "ChatCompletionRequest",
     "type": "object",
@@ -55,7 +91,7 @@ CHAT_REQUEST: dict[str, Any] = {
         "model": {"type": "string", "minLength": 1, "description": "the id from /v1/models"},
         "messages": {
             "type": "array", "minItems": 1, "maxItems": MAX_MESSAGES,
-            "items": {"anyOf": [_message(["system", "developer", "user"], True), _message(["assistant"], False)]},
+            "items": {"anyOf": [_message(["system", "developer", "user"], True), _ASSISTANT, _TOOL_MESSAGE]},
         },
         "temperature": _bounded(0, 2, "0 = greedy"),
         "top_p": _bounded(0, 1, "nucleus sampling"),
@@ -66,7 +102,8 @@ CHAT_REQUEST: dict[str, Any] = {
         "max_tokens": {"type": _INT_OR_NULL, "minimum": 1,
                        "description": "new tokens at most; prompt + max_tokens must fit the context (else 400)"},
         "max_completion_tokens": {"type": _INT_OR_NULL, "minimum": 1, "description": "takes precedence over max_tokens"},
-        "n": {"type": _INT_OR_NULL, "minimum": 1, "maximum": 1, "description": "only 1 is supported"},
+        "n": {"type": _INT_OR_NULL, "minimum": 1, "maximum": MAX_N,
+              "description": "choices, generated one after another from one prefill of the prompt"},
         "stream": {"type": ["boolean", "null"]},
         "stream_options": {
             "type": ["object", "null"], "description": "only with stream: true",
@@ -83,10 +120,13 @@ CHAT_REQUEST: dict[str, Any] = {
             "propertyNames": {"pattern": "^[0-9]{1,9}$"},
             "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
         },
-        "logprobs": {"enum": [False, None], "description": "not supported yet"},
-        "response_format": {
-            "type": ["object", "null"], "required": ["type"], "properties": {"type": {"const": "text"}},
-        },
+        "logprobs": {"type": ["boolean", "null"], "description": "log-softmax of the model's own logits"},
+        "top_logprobs": {"type": _INT_OR_NULL, "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
+                         "description": "alternatives per token; needs logprobs"},
+        "response_format": {"anyOf": [{"type": "null"}, _FORMAT_PLAIN, _FORMAT_SCHEMA]},
+        "tools": {"type": ["array", "null"], "minItems": 1, "maxItems": MAX_TOOLS, "items": _TOOL},
+        "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required", None]}, _NAMED_CHOICE]},
+        "parallel_tool_calls": {"type": ["boolean", "null"]},
         "user": {"type": "string"},
     },
 }
@@ -95,7 +135,7 @@ _USAGE = {
     "type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
     "properties": {k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
 }
-_FINISH = {"enum": ["stop", "length", "content_filter"]}
+_FINISH = {"enum": ["stop", "length", "content_filter", "tool_calls"]}
 _COMMON = {
     "id": {"type": "string"}, "created": {"type": "integer"}, "model": {"type": "string"},
     "system_fingerprint": {"type": "string"},
@@ -108,13 +148,14 @@ CHAT_COMPLETION: dict[str, Any] = {
     "properties": {
         **_COMMON,
         "object": {"const": "chat.completion"},
-        "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+        "choices": {"type": "array", "minItems": 1, "maxItems": MAX_N, "items": {
             "type": "object", "required": ["index", "message", "finish_reason"],
             "properties": {
                 "index": {"type": "integer"},
                 "message": {"type": "object", "required": ["role", "content"], "properties": {
-                    "role": {"const": "assistant"}, "content": {"type": "string"}, "refusal": {"type": "null"}}},
-                "logprobs": {"type": "null"},
+                    "role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
+                    "refusal": {"type": "null"}, "tool_calls": {"type": "array", "items": _TOOL_CALL}}},
+                "logprobs": _LOGPROBS,
                 "finish_reason": _FINISH,
             }}},
         "usage": _USAGE,
@@ -133,7 +174,9 @@ CHAT_CHUNK: dict[str, Any] = {
             "type": "object", "required": ["index", "delta", "finish_reason"],
             "properties": {"index": {"type": "integer"},
                            "delta": {"type": "object", "properties": {
-                               "role": {"const": "assistant"}, "content": {"type": "string"}}},
+                               "role": {"const": "assistant"}, "content": {"type": "string"},
+                               "tool_calls": {"type": "array", "items": {"type": "object", "required": ["index"]}}}},
+                           "logprobs": _LOGPROBS,
                            "finish_reason": {"anyOf": [_FINISH, {"type": "null"}]}}}},
         "usage": {"anyOf": [_USAGE, {"type": "null"}]},
     },
