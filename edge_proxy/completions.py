@@ -9,7 +9,6 @@ itself, so ids it would not produce from that text could not be kept.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from typing import Any, Callable
 
@@ -19,7 +18,16 @@ from edge_proxy.generation import Generation
 from edge_proxy.logprobs import TokenLogprob, completion_logprobs
 from edge_proxy.metrics import EdgeMetrics
 from edge_proxy.sampling import SamplingParams
-from edge_proxy.schemas import MAX_N, ChatRequest, int_param, invalid_value, logit_bias_param, number_param, stop_param
+from edge_proxy.schemas import (
+    MAX_N,
+    ChatRequest,
+    int_param,
+    invalid_value,
+    load_object,
+    logit_bias_param,
+    number_param,
+    stop_param,
+)
 from veil.errors import InvalidRequest
 
 log = logging.getLogger("veil.edge")
@@ -40,18 +48,6 @@ class CompletionRequest:
     def prompt_logprobs(self) -> int | None:
         """Alternatives for the prompt tokens' log-probabilities: asked for by echo with logprobs."""
         return self.chat.logprobs if self.echo else None
-
-
-def _object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except RecursionError:  # nesting deeper than the parser's stack: an error, not a crash
-        raise InvalidRequest("the request body is nested too deeply", code="invalid_json") from None
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
-    return body
 
 
 def _unsupported(message: str, param: str) -> InvalidRequest:
@@ -132,7 +128,7 @@ def _prompts(raw: Any, vocab_size: int, tokenizer: Any) -> list[str]:
 
 
 def parse_completion_request(raw: bytes, vocab_size: int, tokenizer: Any) -> CompletionRequest:
-    body = _object(raw)
+    body = load_object(raw)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required", param="model", code="missing_required_parameter")

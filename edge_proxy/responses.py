@@ -8,7 +8,6 @@ Nothing is stored: `store` is answered as false, and whatever needs a stored obj
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import secrets
 import time
@@ -25,6 +24,7 @@ from edge_proxy.schemas import (
     ChatRequest,
     int_param,
     invalid_value,
+    load_object,
     number_param,
     output_schema,
 )
@@ -235,20 +235,8 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise invalid_value("'store' must be a boolean", "store")
 
 
-def load_body(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except RecursionError:  # nesting deeper than the parser's stack: an error, not a crash
-        raise InvalidRequest("the request body is nested too deeply", code="invalid_json") from None
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
-    return body
-
-
 def parse_responses_request(raw: bytes) -> ResponsesRequest:
-    body = load_body(raw)
+    body = load_object(raw)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required", param="model", code="missing_required_parameter")

@@ -189,7 +189,8 @@ def _logit_bias(body: dict, vocab_size: int) -> dict[int, float]:
     return out
 
 
-def parse_chat_request(raw: bytes, vocab_size: int) -> ChatRequest:
+def load_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or a 400 (never a crash, however deep or broken it is)."""
     try:
         body = json.loads(raw)
     except RecursionError:  # nesting deeper than the parser's stack: an error, not a crash
@@ -198,6 +199,11 @@ def parse_chat_request(raw: bytes, vocab_size: int) -> ChatRequest:
         raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def parse_chat_request(raw: bytes, vocab_size: int) -> ChatRequest:
+    body = load_object(raw)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required", param="model", code="missing_required_parameter")
