@@ -155,7 +155,7 @@ def _post(smol_servers, body: bytes | dict) -> httpx.Response:
     ({"model": SMOL_NAME, "messages": [{"role": "user", "content": "x"}], "temperature": 3}, 400, "temperature"),
     ({"model": SMOL_NAME, "messages": [{"role": "user", "content": "x"}], "top_p": -0.1}, 400, "top_p"),
     ({"model": SMOL_NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": SMOL_NAME, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+    ({"model": SMOL_NAME, "messages": [{"role": "user", "content": "x"}], "n": 17}, 400, "n"),
     ({"model": SMOL_NAME, "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, 400, "stop"),
     ({"model": SMOL_NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4000}, 400, "2048"),
 ])
