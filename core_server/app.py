@@ -18,6 +18,7 @@ import torch
 from litestar import Litestar, Request, Response, delete, get, post
 from litestar.datastructures import State
 
+from core_server.engine import CoreEngine, NativeEngine, kv_bytes_per_token
 from core_server.enrollment import Edge, load_allowed_edges
 from core_server.locker import Locker, locker_from_settings
 from core_server.memory import AUTO_SHARE, free_bytes, plan_kv
@@ -26,6 +27,7 @@ from core_server.replays import ReplayGuard
 from core_server.scheduler import StepScheduler
 from core_server.sessions import Held, SessionTable
 from veil import wire
+from veil.bundle import read_core_spec
 from veil.channel import open_hello
 from veil.errors import (
     AuthenticationFailed,
@@ -66,19 +68,49 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _kv_budget(settings: Settings, device: torch.device, worst_case: int) -> int:
+    """core.kv_budget_bytes, else 90% of what the device has free, never more than the worst case needs."""
+    if settings.core.kv_budget_bytes:
+        return settings.core.kv_budget_bytes
+    return min(int(AUTO_SHARE * free_bytes(device)), worst_case)
+
+
+def _engine(settings: Settings) -> tuple[CoreEngine, int, int]:
+    """The configured engine over the core bundle -> (engine, sessions admitted, tokens per session)."""
+    core, bundle_dir = settings.core, settings.core_bundle_dir()
+    spec = read_core_spec(bundle_dir)
+    max_tokens = min(core.max_tokens_per_session, spec.max_positions)
+    if core.engine == "vllm":
+        from core_server.vllm_engine import VllmEngine, hf_folder
+
+        # vLLM keeps the KV cache (a prefix cache the sessions' steps refill); a session here holds only its
+        # input rows, so the plan sizes vLLM's cache and needs room for one session at its limit
+        per_token = kv_bytes_per_token(spec, torch.float32)
+        device = _device(core.device)
+        budget = _kv_budget(settings, device, per_token * max_tokens * core.max_sessions)
+        plan_kv(layers=spec.num_layers, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=torch.float32,
+                max_tokens=max_tokens, max_sessions=1, budget_bytes=budget)
+        engine: CoreEngine = VllmEngine(
+            spec, hf_folder(bundle_dir, Path(settings.home), spec), device=core.device, max_tokens=max_tokens,
+            max_sessions=core.max_sessions, kv_bytes=budget, block_rows=core.vllm_block_size,
+            tensor_parallel_size=core.tensor_parallel_size, max_batch_tokens=core.max_batch_tokens)
+        return engine, core.max_sessions, max_tokens
+    device = _device(core.device)
+    stack = DecoderStack.load(bundle_dir, device)
+    sessions = plan_kv(layers=spec.num_layers, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=stack.dtype,
+                       max_tokens=max_tokens, max_sessions=core.max_sessions,
+                       budget_bytes=core.kv_budget_bytes or int(AUTO_SHARE * free_bytes(device)))
+    return NativeEngine(stack), sessions, max_tokens
+
+
 def _load(state: CoreState) -> None:
     settings = state.settings
     started = time.perf_counter()
     try:
         if settings.core.threads > 0:
             torch.set_num_threads(settings.core.threads)
-        device = _device(settings.core.device)
-        stack = DecoderStack.load(settings.core_bundle_dir(), device)
-        spec, core = stack.spec, settings.core
-        max_tokens = min(core.max_tokens_per_session, spec.max_positions)
-        sessions = plan_kv(layers=spec.num_layers, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=stack.dtype,
-                       max_tokens=max_tokens, max_sessions=core.max_sessions,
-                       budget_bytes=core.kv_budget_bytes or int(AUTO_SHARE * free_bytes(device)))
+        engine, sessions, max_tokens = _engine(settings)
+        core, spec = settings.core, engine.spec
         bundle_id = spec.bundle_id
         locker = state.locker
 
@@ -86,16 +118,16 @@ def _load(state: CoreState) -> None:
             assert locker is not None and held.kv is not None and held.locker_key is not None
             locker.put(sid, held.locker_key, bundle_id, held.kv)
 
-        table = SessionTable(stack.new_session, max_sessions=sessions, max_tokens=max_tokens,
+        table = SessionTable(engine.new_session, max_sessions=sessions, max_tokens=max_tokens,
                              idle_seconds=core.session_idle_seconds, spill=spill if locker else None,
                              spill_after=core.locker_after_seconds)
-        scheduler = StepScheduler(stack, table, state.metrics, core.max_batch_tokens,
+        scheduler = StepScheduler(engine, table, state.metrics, core.max_batch_tokens,
                                   max_queued=core.max_queued_steps)
         scheduler.start()
         state.scheduler = scheduler
         state.metrics.ready.set(1)
-        log.info("core ready layers=%d dim=%d device=%s load_s=%.1f", spec.num_layers, spec.hidden_size,
-                 device, time.perf_counter() - started)
+        log.info("core ready engine=%s layers=%d dim=%d device=%s load_s=%.1f", engine.name, spec.num_layers,
+                 spec.hidden_size, engine.device, time.perf_counter() - started)
     except VeilError as exc:
         state.load_error = f"the core failed to start: {exc.message}"
         log.error("core failed to start: %s", exc.message)
@@ -153,7 +185,7 @@ async def open_session(request: Request[Any, Any, CoreState], state: CoreState) 
         state.metrics.handshakes.labels(result=str(exc.code)).inc()
         raise
     scheduler = _scheduler(state)
-    if hello.bundle_id != scheduler.stack.spec.bundle_id:
+    if hello.bundle_id != scheduler.engine.spec.bundle_id:
         state.metrics.handshakes.labels(result="bundle_mismatch").inc()
         raise Conflict("the session is for another cloaked bundle than this core serves", code="bundle_mismatch")
     edge = state.edges[hello.edge_public]
@@ -175,7 +207,7 @@ async def step(sid: str, request: Request[Any, Any, CoreState], state: CoreState
     if len(req.want) > state.settings.core.max_result_rows:
         raise PayloadTooLarge(f"a step may ask for at most max_result_rows={state.settings.core.max_result_rows} rows",
                               code="result_rows_limit")
-    if req.bundle_id != scheduler.stack.spec.bundle_id:
+    if req.bundle_id != scheduler.engine.spec.bundle_id:
         raise Conflict("the step is for another cloaked bundle than this core serves", code="bundle_mismatch")
     scheduler.table.use(held, +1)
     try:
@@ -183,7 +215,7 @@ async def step(sid: str, request: Request[Any, Any, CoreState], state: CoreState
             held.locker_key = req.locker_key
         if held.kv is None and req.offset > 0 and state.locker is not None and held.locker_key is not None:
             held.kv = await asyncio.to_thread(state.locker.take, sid, held.locker_key, req.bundle_id,
-                                              scheduler.stack.new_session(scheduler.table.max_tokens))
+                                              scheduler.engine.new_session(scheduler.table.max_tokens))
         result = await scheduler.submit(req)
     finally:
         scheduler.table.use(held, -1)
@@ -207,7 +239,7 @@ async def close_session(sid: str, request: Request[Any, Any, CoreState], state: 
 async def info(state: CoreState) -> dict[str, Any]:
     """The public part: who the core is (its keys) and what it serves; edges check it before a handshake."""
     scheduler = _scheduler(state)
-    spec = scheduler.stack.spec
+    spec = scheduler.engine.spec
     return {
         "protocol": "veil/1",
         "identity": state.identities[0].info(),
@@ -243,7 +275,7 @@ def drain(state: CoreState) -> int:
     spilled = 0
     for sid, held in scheduler.table.drain():
         if state.locker is not None and held.kv is not None and held.locker_key is not None:
-            state.locker.put(sid, held.locker_key, scheduler.stack.spec.bundle_id, held.kv)
+            state.locker.put(sid, held.locker_key, scheduler.engine.spec.bundle_id, held.kv)
             spilled += 1
     if state.locker is not None:
         state.locker.flush()

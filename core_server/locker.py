@@ -14,6 +14,7 @@ import concurrent.futures
 import hashlib
 import hmac
 import logging
+import math
 import os
 import threading
 from pathlib import Path
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from core_server.metrics import CoreMetrics
 from veil.errors import ConfigError
-from veil.model.kv import Session
+from veil.model.kv import Positions
 from veil.settings import Settings
 
 log = logging.getLogger("veil.core.locker")
@@ -44,39 +45,44 @@ def _aad(sid: str, bundle_id: str) -> bytes:
     return b"veil/1 locker|" + sid.encode() + b"|" + bundle_id.encode()
 
 
-def seal_snapshot(kv: Session, sid: str, bundle_id: str, key: bytes) -> bytes:
-    n = kv.length
-    layers, kv_heads, _, head_dim = kv.k.shape
-    header = msgpack.packb({"v": 1, "bundle": bundle_id, "length": n, "layers": layers, "kv_heads": kv_heads,
-                            "head_dim": head_dim, "dtype": _NAMES[kv.k.dtype]})
-    plain = len(header).to_bytes(4, "big") + header + _raw(kv.k[:, :, :n]) + _raw(kv.v[:, :, :n])
+def seal_snapshot(state: Positions, sid: str, bundle_id: str, key: bytes) -> bytes:
+    """The session's valid positions (a KV cache, or the input rows of an engine that keeps its own KV),
+    sealed under the session's locker key."""
+    parts = state.valid_parts()
+    header = msgpack.packb({"v": 2, "bundle": bundle_id, "length": state.length,
+                            "shapes": [list(p.shape) for p in parts], "dtype": _NAMES[parts[0].dtype]})
+    plain = len(header).to_bytes(4, "big") + header + b"".join(_raw(p) for p in parts)
     nonce = os.urandom(12)
     return nonce + AESGCM(key).encrypt(nonce, plain, _aad(sid, bundle_id))
 
 
-def open_snapshot(blob: bytes, sid: str, bundle_id: str, key: bytes, empty: Session) -> Session | None:
-    """The snapshot restored into `empty` (a fresh session of the right shape), or None if it does not verify."""
+def open_snapshot(blob: bytes, sid: str, bundle_id: str, key: bytes, empty: Positions) -> Positions | None:
+    """The snapshot restored into `empty` (a fresh state of the right kind), or None if it does not verify."""
     try:
         plain = AESGCM(key).decrypt(blob[:12], blob[12:], _aad(sid, bundle_id))
     except (InvalidTag, ValueError):
         return None
     n_head = int.from_bytes(plain[:4], "big")
     header = msgpack.unpackb(plain[4 : 4 + n_head])
-    layers, kv_heads, _, head_dim = empty.k.shape
     n = header.get("length", -1)
     dtype = _DTYPES.get(header.get("dtype"))
-    if (header.get("bundle") != bundle_id or (header.get("layers"), header.get("kv_heads"), header.get("head_dim"))
-            != (layers, kv_heads, head_dim) or dtype != empty.k.dtype or not 0 < n <= empty.limit):
+    if not isinstance(n, int) or not 0 < n <= empty.limit:
         return None
-    half = layers * kv_heads * n * head_dim * dtype.itemsize
+    shapes = empty.part_shapes(n)
+    if (header.get("bundle") != bundle_id or dtype is None or dtype != empty.parts[0].dtype
+            or [tuple(s) for s in header.get("shapes", [])] != shapes):
+        return None
+    sizes = [math.prod(shape) * dtype.itemsize for shape in shapes]
     body = memoryview(plain)[4 + n_head :]
-    if len(body) != 2 * half:
+    if len(body) != sum(sizes):
         return None
     raw_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
-    shape = (layers, kv_heads, n, head_dim)
     seg = empty.begin(0, n)
-    for dst, part in ((seg.session.k, body[:half]), (seg.session.v, body[half:])):
-        dst[:, :, :n] = torch.frombuffer(bytearray(part), dtype=raw_dtype).view(dtype).view(shape).to(dst.device)
+    at = 0
+    for dst, shape, size, axis in zip(empty.parts, shapes, sizes, empty.POSITION_AXES):
+        part = torch.frombuffer(bytearray(body[at : at + size]), dtype=raw_dtype).view(dtype).view(shape)
+        dst.narrow(axis, 0, n).copy_(part)
+        at += size
     empty.commit(seg)
     return empty
 
@@ -95,7 +101,7 @@ class Locker:
     def locator(sid: str, key: bytes) -> str:
         return _PREFIX + hmac.new(key, b"locator|" + sid.encode(), hashlib.sha256).hexdigest()[:40]
 
-    def put(self, sid: str, key: bytes, bundle_id: str, kv: Session) -> None:
+    def put(self, sid: str, key: bytes, bundle_id: str, kv: Positions) -> None:
         """Queue a snapshot of `kv` (no longer used by anyone else) for writing."""
         where = self.locator(sid, key)
         fut = self._writer.submit(self._write, where, sid, key, bundle_id, kv)
@@ -108,7 +114,7 @@ class Locker:
             if self._pending.get(where) is fut:
                 del self._pending[where]
 
-    def _write(self, where: str, sid: str, key: bytes, bundle_id: str, kv: Session) -> None:
+    def _write(self, where: str, sid: str, key: bytes, bundle_id: str, kv: Positions) -> None:
         blob = seal_snapshot(kv, sid, bundle_id, key)
         if len(blob) > self.max_bytes:
             self.metrics.locker_writes.labels(result="too_large").inc()
@@ -128,7 +134,7 @@ class Locker:
             pending = list(self._pending.values())
         concurrent.futures.wait(pending, timeout=timeout)
 
-    def take(self, sid: str, key: bytes, bundle_id: str, empty: Session) -> Session | None:
+    def take(self, sid: str, key: bytes, bundle_id: str, empty: Positions) -> Positions | None:
         """The session's snapshot restored into `empty`, removed from Redis; None on a miss."""
         where = self.locator(sid, key)
         with self._lock:

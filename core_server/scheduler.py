@@ -13,10 +13,10 @@ from typing import Callable
 
 import torch
 
+from core_server.engine import CoreEngine, EngineStep
 from core_server.metrics import CoreMetrics
 from core_server.sessions import SessionTable
 from veil.errors import InvalidRequest, ServiceUnavailable, VeilError
-from veil.model.decoder import DecoderStack
 from veil.model.kv import Segment
 from veil.wire import StepRequest, StepResult
 
@@ -34,9 +34,9 @@ class _Pending:
 class StepScheduler:
     """Owns the queue of steps and the thread that runs them; sessions live in `table`."""
 
-    def __init__(self, stack: DecoderStack, table: SessionTable, metrics: CoreMetrics, max_batch_tokens: int,
+    def __init__(self, engine: CoreEngine, table: SessionTable, metrics: CoreMetrics, max_batch_tokens: int,
                  max_queued: int = 1024, clock: Callable[[], float] = time.monotonic):
-        self.stack, self.table, self.metrics = stack, table, metrics
+        self.engine, self.table, self.metrics = engine, table, metrics
         self.max_batch_tokens, self.max_queued = max_batch_tokens, max_queued
         self.failure: str | None = None  # set when the runner cannot go on; /readyz then says so
         self.clock = clock
@@ -148,9 +148,9 @@ class StepScheduler:
     def _admit(self, item: _Pending) -> Segment | None:
         """The step's segment, or None after failing its future with the reason."""
         try:
-            if item.req.hidden.shape[1] != self.stack.spec.hidden_size:
+            if item.req.hidden.shape[1] != self.engine.spec.hidden_size:
                 raise InvalidRequest(
-                    f"step dim {item.req.hidden.shape[1]} does not match the model dim {self.stack.spec.hidden_size}",
+                    f"step dim {item.req.hidden.shape[1]} does not match the model dim {self.engine.spec.hidden_size}",
                     code="dim_mismatch")
             return self.table.admit(item.req.session, item.req.offset, item.req.hidden.shape[0])
         except VeilError as exc:
@@ -163,25 +163,20 @@ class StepScheduler:
         admitted = [(item, seg) for item in batch if (seg := self._admit(item)) is not None]
         if not admitted:
             return
-        x = torch.cat([item.req.hidden for item, _ in admitted])
         try:
-            out = self.stack.step(x, [seg for _, seg in admitted])
+            results = self.engine.run([EngineStep(item.req.hidden, seg, item.req.want) for item, seg in admitted])
         except Exception as exc:  # out of memory or any other failure costs this batch only
-            log.error("forward failed error=%s steps=%d", type(exc).__name__, len(admitted))
-            del x
-            if self.stack.device.type == "cuda":
+            log.error("forward failed engine=%s error=%s steps=%d", self.engine.name, type(exc).__name__,
+                      len(admitted))
+            if self.engine.device.type == "cuda":
                 torch.cuda.empty_cache()  # hand back what the failed forward held
             for item, _ in admitted:
                 self.metrics.errors.labels(code="forward_failed").inc()
                 item.future.set_exception(VeilError("the core failed to run this step", code="forward_failed"))
             return
         compute_ms = (time.perf_counter() - started) * 1000
-        self.metrics.batch_tokens.observe(x.shape[0])
-        row = 0
-        for item, seg in admitted:
-            idx = torch.tensor([row + (w % seg.n) for w in item.req.want], device=out.device)
-            hidden = out.index_select(0, idx).to("cpu", torch.float32)
-            row += seg.n
+        self.metrics.batch_tokens.observe(sum(seg.n for _, seg in admitted))
+        for (item, seg), hidden in zip(admitted, results):
             self.metrics.tokens.labels(kind="prefill" if seg.n > 1 else "decode").inc(seg.n)
             self.metrics.step_seconds.observe(time.perf_counter() - item.enqueued)
             queue_ms = (started - item.enqueued) * 1000

@@ -15,7 +15,7 @@ from typing import Callable
 
 from veil.channel import Channel
 from veil.errors import Conflict, NotFound, PayloadTooLarge, RateLimited
-from veil.model.kv import Segment, Session
+from veil.model.kv import Positions, Segment
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -23,7 +23,7 @@ class Held:
     owner: str  # the enrolled edge's name
     channel: Channel | None
     last_used: float
-    kv: Session | None = None  # made at the first step, or restored from the locker
+    kv: Positions | None = None  # made at the first step, or restored from the locker
     locker_key: bytes | None = None  # given by the edge inside the channel; lives only here
     busy: int = 0  # steps in flight: a busy session is never spilled
 
@@ -34,7 +34,7 @@ Spill = Callable[[str, Held], None]  # hands an idle session's KV to the locker
 class SessionTable:
     """Thread-safe: the HTTP loop opens, closes and marks steps, the runner admits and sweeps."""
 
-    def __init__(self, new_session: Callable[[int], Session], *, max_sessions: int, max_tokens: int,
+    def __init__(self, new_session: Callable[[int], Positions], *, max_sessions: int, max_tokens: int,
                  idle_seconds: float, clock: Callable[[], float] = time.monotonic,
                  spill: Spill | None = None, spill_after: float = 30.0):
         self.new_session = new_session  # limit -> an empty KV cache (DecoderStack.new_session)

@@ -61,6 +61,11 @@ class CoreSettings:
     port: int = 8001
     bundle: str = ""  # core bundle dir; empty = bundle.core_dir
     device: str = "auto"  # auto | cpu | cuda
+    engine: str = "native"  # native (Veil's own loop) | vllm (vLLM in the core's process; needs vLLM installed)
+    python: str = ""  # interpreter `veil up` runs the core with (the vllm engine's own venv); empty = this one
+    tensor_parallel_size: int = 1  # vllm engine: GPUs one model is split over
+    vllm_block_size: int = 0  # vllm engine: KV block rows (a decode step recomputes up to one block); 0 = 32 on CPU,
+    # vLLM's default on GPU
     max_sessions: int = 64
     max_tokens_per_session: int = 8192
     session_idle_seconds: int = 300
@@ -164,6 +169,10 @@ class Settings:
             raise ConfigError("core.locker_after_seconds, locker.ttl_seconds and locker.max_snapshot_bytes must be > 0")
         if self.core.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("core.device must be one of auto, cpu, cuda")
+        if self.core.engine not in ("native", "vllm"):
+            raise ConfigError("core.engine must be native or vllm")
+        if self.core.tensor_parallel_size < 1 or self.core.vllm_block_size < 0:
+            raise ConfigError("core.tensor_parallel_size must be >= 1 and core.vllm_block_size >= 0")
         if self.privacy.noise_rho < 0 or self.privacy.noise_clip < 0:
             raise ConfigError("privacy.noise_rho and privacy.noise_clip must be >= 0")
         if self.privacy.span_noise_rho <= 0:

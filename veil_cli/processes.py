@@ -28,14 +28,24 @@ def free_port() -> int:
 
 
 class Server:
-    """One `python -m veil_cli <role>` process; its output goes to a log file, or to this console if none."""
+    """One `python -m veil_cli <role>` process; its output goes to a log file, or to this console if none.
+    A core whose `python` is given (core.python: the vllm engine's own venv) runs as that interpreter's
+    `python -m core_server.cli`, the core image's command, which needs nothing edge-side installed."""
 
     def __init__(self, role: str, env: dict[str, str], port: int, log_path: Path | None = None,
-                 host: str = "127.0.0.1", config: str | None = None):
+                 host: str = "127.0.0.1", config: str | None = None, python: str = ""):
         self.role, self.port, self.log_path = role, port, log_path
         self.url = f"http://{host}:{port}"
+        options = ["--config", config] if config else []
+        if python:
+            if role != "core":
+                raise VeilError("only the core runs with its own interpreter (core.python)")
+            if not Path(python).is_file():
+                raise VeilError(f"core.python {python} does not exist (the vllm engine's venv: make core-vllm)")
+            command = [python, "-m", "core_server.cli"] + options
+        else:
+            command = [sys.executable, "-m", "veil_cli"] + options + [role]
         self._log: IO[str] | None = open(log_path, "w") if log_path is not None else None
-        command = [sys.executable, "-m", "veil_cli"] + (["--config", config] if config else []) + [role]
         self.proc = subprocess.Popen(command, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT if self._log else None)
 
@@ -94,7 +104,8 @@ class VeilPair:
         common = {"VEIL_BUNDLE_KEY_FILE": str(key_file), "VEIL_MODEL_NAME": model_name, **self.wiring}
         core_env = {"VEIL_CORE_METRICS_PORT": self.metrics_url.rsplit(":", 1)[1], **(core_env or {})}
         self.core = Server("core", base_env(tmp, VEIL_CORE_PORT=str(core_port), VEIL_CORE_BUNDLE=str(core_bundle),
-                                            **common, **core_env), core_port, tmp / f"core-{core_port}.log")
+                                            **common, **core_env), core_port, tmp / f"core-{core_port}.log",
+                           python=core_env.get("VEIL_CORE_PYTHON", ""))
         self.edge: Server | None = None
         try:
             self.core.wait_ready()

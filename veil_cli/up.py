@@ -39,7 +39,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     env.setdefault("HF_HUB_OFFLINE", "1")
     servers: list[Server] = []
     try:
-        servers.append(Server("core", env, settings.core.port, host=settings.core.host, config=args.config))
+        servers.append(Server("core", env, settings.core.port, host=settings.core.host, config=args.config,
+                              python=settings.core.python))
         servers[0].wait_ready(args.timeout)
         servers.append(Server("edge", env, settings.edge.port, host=settings.edge.host, config=args.config))
         servers[1].wait_ready(args.timeout)

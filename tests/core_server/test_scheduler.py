@@ -9,11 +9,12 @@ from typing import Sequence
 import pytest
 import torch
 
+from core_server.engine import EngineStep
 from core_server.metrics import CoreMetrics
 from core_server.scheduler import SWEEP_SECONDS, StepScheduler
 from core_server.sessions import SessionTable
 from veil.errors import InvalidRequest, NotFound, ServiceUnavailable, VeilError
-from veil.model.kv import Segment, Session
+from veil.model.kv import Session
 from veil.wire import StepRequest
 
 DIM = 8
@@ -27,9 +28,10 @@ class Clock:
         return self.now
 
 
-class RecordingStack:
-    """Stands in for DecoderStack: out = 2·x, and it records each batch as (offset, n) per segment."""
+class RecordingEngine:
+    """Stands in for an engine: out = 2·x, and it records each batch as (offset, n) per segment."""
 
+    name = "recording"
     spec = types.SimpleNamespace(hidden_size=DIM)
     device = torch.device("cpu")
 
@@ -40,19 +42,19 @@ class RecordingStack:
     def new_session(self, limit: int) -> Session:
         return Session(1, 1, 2, dtype=torch.float32, device=torch.device("cpu"), limit=limit)
 
-    def step(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+    def run(self, steps: Sequence[EngineStep]) -> list[torch.Tensor]:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("out of memory")
-        self.batches.append([(seg.offset, seg.n) for seg in segments])
-        for seg in segments:
-            seg.session.commit(seg)
-        return 2 * x
+        self.batches.append([(s.segment.offset, s.segment.n) for s in steps])
+        for s in steps:
+            s.segment.session.commit(s.segment)
+        return [2 * s.hidden[[w % s.segment.n for w in s.want]] for s in steps]
 
 
 @pytest.fixture()
 def parts():
-    clock, stack = Clock(), RecordingStack()
+    clock, stack = Clock(), RecordingEngine()
     table = SessionTable(stack.new_session, max_sessions=8, max_tokens=100, idle_seconds=30, clock=clock)
     for s in "abcde":  # as the handshakes of five sessions do
         table.open(s * 16, "edge", 8, None)

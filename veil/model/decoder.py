@@ -31,6 +31,12 @@ class Layer:
     window: int | None
 
 
+def _cache(seg: Segment) -> Session:
+    """The segment's KV cache: this stack writes keys and values, so its sessions are `Session`s."""
+    assert isinstance(seg.session, Session), "the decoder stack runs on KV-cache sessions"
+    return seg.session
+
+
 def _cat_opt(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     if all(p is None for p in parts):
         return None
@@ -127,8 +133,9 @@ class DecoderStack:
     def _attend(self, q: torch.Tensor, layer_idx: int, seg: Segment, window: int | None) -> torch.Tensor:
         # q [n, H, hd] -> out [n, H * hd]; query heads are folded into the length axis per KV head
         s, n, g, hd = self.spec, seg.n, self.groups, self.spec.head_dim
-        keys = seg.session.k[layer_idx, :, : seg.end]  # [KV, T, hd]
-        values = seg.session.v[layer_idx, :, : seg.end]
+        kv = _cache(seg)
+        keys = kv.k[layer_idx, :, : seg.end]  # [KV, T, hd]
+        values = kv.v[layer_idx, :, : seg.end]
         qg = q.view(n, s.num_kv_heads, g, hd).permute(1, 2, 0, 3).reshape(s.num_kv_heads, g * n, hd)
         mask = self._mask(seg, window)
         if mask is not None:
@@ -172,8 +179,9 @@ class DecoderStack:
             for seg, start in zip(segments, starts):
                 rows = slice(start, start + seg.n)
                 span = slice(seg.offset, seg.end)
-                seg.session.k[li, :, span] = k[rows].transpose(0, 1)
-                seg.session.v[li, :, span] = v[rows].transpose(0, 1)
+                kv = _cache(seg)
+                kv.k[li, :, span] = k[rows].transpose(0, 1)
+                kv.v[li, :, span] = v[rows].transpose(0, 1)
                 outs.append(self._attend(q[rows], li, seg, layer.window))
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)
             x = x + layer.o(attn)

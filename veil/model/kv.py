@@ -1,9 +1,11 @@
-"""One sequence's KV cache and the one rule for writing into it.
+"""One sequence's state on the core and the one rule for writing into it.
 
-A step writes `n` new positions at `offset`: `Session.begin` checks the offset against what
-the cache holds, rolls back anything after it (a re-prefill, rejected speculation) and makes
-room; `DecoderStack.step` runs the blocks and commits the new length. The core's sessions,
-the edge-held blocks and the privacy audit all go through these two calls.
+A step writes `n` new positions at `offset`: `begin` checks the offset against what the
+state holds, rolls back anything after it (a re-prefill, rejected speculation) and makes
+room; the engine runs the blocks and commits the new length. The state is a KV cache
+(`Session`, for Veil's own stack: the core's sessions, the edge-held blocks and the privacy
+audit) or the session's input rows (`Rows`, for an engine that keeps its own KV cache, such
+as vLLM with prefix caching). Both grow by doubling up to their limit.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ MIN_CAPACITY = 256  # positions allocated at first use; growth doubles from here
 class Segment:
     """One session's share of a batched step: n new positions starting at offset."""
 
-    session: Session
+    session: Positions
     offset: int
     n: int
 
@@ -30,22 +32,25 @@ class Segment:
         return self.offset + self.n
 
 
-class Session:
-    """k, v are [layers, kv_heads, capacity, head_dim]; positions below `length` are valid."""
+class Positions:
+    """What every session state shares: `length` valid positions of at most `limit`, written by segments.
+    `parts` are its tensors, each with positions on axis `POSITION_AXIS` of that part (the locker seals them)."""
 
-    __slots__ = ("length", "limit", "k", "v")
+    __slots__ = ("length", "limit")
+    POSITION_AXES: tuple[int, ...] = ()
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype, device: torch.device,
-                 limit: int, capacity: int = 0):
-        assert 0 <= capacity <= limit
+    def __init__(self, limit: int):
         self.length = 0
         self.limit = limit  # positions this session may ever hold
-        self.k = torch.empty((layers, kv_heads, capacity, head_dim), dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
+
+    @property
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        first = self.parts[0]
+        return first.shape[self.POSITION_AXES[0]]
 
     def begin(self, offset: int, n: int) -> Segment:
         """Check a step of n positions at offset, roll back past offset, make room (409 / 413 if it cannot)."""
@@ -56,33 +61,87 @@ class Session:
             raise PayloadTooLarge(f"the session would hold {offset + n} tokens; its limit is {self.limit}",
                                   code="session_token_limit")
         self.length = offset
-        self._reserve(offset + n)
+        if offset + n > self.capacity:  # grow by doubling (at least MIN_CAPACITY, at most the limit)
+            self._set_parts(self._copies(min(max(MIN_CAPACITY, self.capacity * 2, offset + n), self.limit)))
         return Segment(self, offset, n)
 
     def commit(self, segment: Segment) -> None:
-        """Called by the stack once the segment's keys and values are written."""
+        """Called by the engine once the segment's positions are written."""
         assert segment.session is self and segment.offset <= self.length
         self.length = segment.end
+
+    def valid_parts(self) -> list[torch.Tensor]:
+        """Views of the parts cut to the valid positions."""
+        return [p.narrow(axis, 0, self.length) for p, axis in zip(self.parts, self.POSITION_AXES)]
+
+    def part_shapes(self, n: int) -> list[tuple[int, ...]]:
+        """The shapes `valid_parts` has at length n."""
+        shapes = []
+        for p, axis in zip(self.parts, self.POSITION_AXES):
+            shape = list(p.shape)
+            shape[axis] = n
+            shapes.append(tuple(shape))
+        return shapes
+
+    def _copies(self, capacity: int) -> tuple[torch.Tensor, ...]:
+        """New parts of `capacity` positions holding this session's valid ones."""
+        out = []
+        for p, axis in zip(self.parts, self.POSITION_AXES):
+            shape = list(p.shape)
+            shape[axis] = capacity
+            fresh = torch.empty(shape, dtype=p.dtype, device=p.device)
+            fresh.narrow(axis, 0, self.length).copy_(p.narrow(axis, 0, self.length))
+            out.append(fresh)
+        return tuple(out)
+
+    def _set_parts(self, parts: tuple[torch.Tensor, ...]) -> None:
+        raise NotImplementedError
+
+
+class Session(Positions):
+    """A KV cache: k, v are [layers, kv_heads, capacity, head_dim]; positions below `length` are valid."""
+
+    __slots__ = ("k", "v")
+    POSITION_AXES = (2, 2)
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype, device: torch.device,
+                 limit: int, capacity: int = 0):
+        assert 0 <= capacity <= limit
+        super().__init__(limit)
+        self.k = torch.empty((layers, kv_heads, capacity, head_dim), dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+
+    @property
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        return self.k, self.v
+
+    def _set_parts(self, parts: tuple[torch.Tensor, ...]) -> None:
+        self.k, self.v = parts
 
     def fork(self) -> Session:
         """A copy holding the same valid positions (for beams that share a prefix)."""
         layers, kv_heads, capacity, head_dim = self.k.shape
         twin = Session(layers, kv_heads, head_dim, dtype=self.k.dtype, device=self.k.device, limit=self.limit)
-        twin.k, twin.v = self._copies(capacity)
         twin.length = self.length
+        twin._set_parts(self._copies(capacity))
         return twin
 
-    def _reserve(self, tokens: int) -> None:
-        """Grow by doubling (at least MIN_CAPACITY, at most the limit) so that `tokens` positions fit."""
-        if tokens <= self.capacity:
-            return
-        self.k, self.v = self._copies(min(max(MIN_CAPACITY, self.capacity * 2, tokens), self.limit))
 
-    def _copies(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """New k, v of `capacity` positions holding this session's valid ones."""
-        layers, kv_heads, _, head_dim = self.k.shape
-        k = torch.empty((layers, kv_heads, capacity, head_dim), dtype=self.k.dtype, device=self.k.device)
-        v = torch.empty_like(k)
-        k[:, :, : self.length] = self.k[:, :, : self.length]
-        v[:, :, : self.length] = self.v[:, :, : self.length]
-        return k, v
+class Rows(Positions):
+    """A session's input rows [capacity, d] (rotated hidden states), for an engine that keeps the KV cache
+    itself and is handed the whole sequence at each step."""
+
+    __slots__ = ("rows",)
+    POSITION_AXES = (0,)
+
+    def __init__(self, dim: int, *, dtype: torch.dtype, device: torch.device, limit: int, capacity: int = 0):
+        assert 0 <= capacity <= limit
+        super().__init__(limit)
+        self.rows = torch.empty((capacity, dim), dtype=dtype, device=device)
+
+    @property
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        return (self.rows,)
+
+    def _set_parts(self, parts: tuple[torch.Tensor, ...]) -> None:
+        (self.rows,) = parts

@@ -1,0 +1,81 @@
+"""What runs the forward pass behind the core's step API, and Veil's own engine.
+
+The core server owns sealing, sessions, limits, the locker, metrics and health; an engine only
+turns a batch of steps (each a session's new rotated rows at an offset) into the rotated
+residual states the steps ask for. Two engines exist: `native` (Veil's batched loop over the
+folded blocks, below: the embedded default and the exactness reference) and `vllm`
+(core_server.vllm_engine: vLLM in this process, fed prompt embeddings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, Sequence
+
+import torch
+
+from veil.bundle import CoreSpec
+from veil.model.decoder import DecoderStack
+from veil.model.kv import Positions, Segment, Session
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EngineStep:
+    """One admitted step: its new rows [n, d], where they go, and which of them to send back."""
+
+    hidden: torch.Tensor
+    segment: Segment
+    want: Sequence[int]  # indices into the new rows; negative ones count from the end
+
+
+class CoreEngine(Protocol):
+    name: str
+    spec: CoreSpec
+    device: torch.device
+    dtype: torch.dtype
+
+    def new_session(self, limit: int) -> Positions:
+        """An empty state for a session of at most `limit` positions."""
+        ...
+
+    def run(self, steps: Sequence[EngineStep]) -> list[torch.Tensor]:
+        """Run the steps as one batch -> per step, its wanted rows [len(want), d] as float32 on the CPU;
+        each session then holds its segment. A failure raises and commits nothing."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def kv_bytes_per_token(spec: CoreSpec, dtype: torch.dtype) -> int:
+    """KV cache bytes one position of one session takes over all layers."""
+    return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class NativeEngine:
+    """Veil's own stack: projections and MLPs over the whole batch, attention per session's KV cache."""
+
+    name = "native"
+
+    def __init__(self, stack: DecoderStack):
+        self.stack, self.spec, self.device, self.dtype = stack, stack.spec, stack.device, stack.dtype
+
+    def new_session(self, limit: int) -> Session:
+        return self.stack.new_session(limit)
+
+    def run(self, steps: Sequence[EngineStep]) -> list[torch.Tensor]:
+        x = torch.cat([s.hidden for s in steps])
+        out = self.stack.step(x, [s.segment for s in steps])
+        # one gather and one device-to-host copy for the whole batch
+        rows: list[int] = []
+        counts: list[int] = []
+        start = 0
+        for s in steps:
+            rows.extend(start + (w % s.segment.n) for w in s.want)
+            counts.append(len(s.want))
+            start += s.segment.n
+        picked = out.index_select(0, torch.tensor(rows, device=out.device)).to("cpu", torch.float32)
+        return list(picked.split(counts))
+
+    def close(self) -> None:
+        pass
