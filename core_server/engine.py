@@ -33,6 +33,7 @@ class CoreEngine(Protocol):
     spec: CoreSpec
     device: torch.device
     dtype: torch.dtype
+    rows_computed: int  # rows run through the blocks so far (a prefix cache spares the rest)
 
     def new_session(self, limit: int) -> Positions:
         """An empty state for a session of at most `limit` positions."""
@@ -59,6 +60,7 @@ class NativeEngine:
 
     def __init__(self, stack: DecoderStack):
         self.stack, self.spec, self.device, self.dtype = stack, stack.spec, stack.device, stack.dtype
+        self.rows_computed = 0
 
     def new_session(self, limit: int) -> Session:
         return self.stack.new_session(limit)
@@ -66,6 +68,7 @@ class NativeEngine:
     def run(self, steps: Sequence[EngineStep]) -> list[torch.Tensor]:
         x = torch.cat([s.hidden for s in steps])
         out = self.stack.step(x, [s.segment for s in steps])
+        self.rows_computed += x.shape[0]
         # one gather and one device-to-host copy for the whole batch
         rows: list[int] = []
         counts: list[int] = []

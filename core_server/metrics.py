@@ -16,6 +16,8 @@ class CoreMetrics:
             buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
         )
         self.tokens = Counter("veil_core_tokens_total", "Token positions processed", ["kind"], registry=r)
+        self.rows_computed = Counter("veil_core_rows_computed_total", "Rows the engine ran through the blocks (a "
+                                     "step's other rows came from the engine's prefix cache)", registry=r)
         self.batch_tokens = Histogram(
             "veil_core_batch_tokens", "Tokens per batched forward", registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192),

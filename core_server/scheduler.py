@@ -163,6 +163,7 @@ class StepScheduler:
         admitted = [(item, seg) for item in batch if (seg := self._admit(item)) is not None]
         if not admitted:
             return
+        computed = self.engine.rows_computed
         try:
             results = self.engine.run([EngineStep(item.req.hidden, seg, item.req.want) for item, seg in admitted])
         except Exception as exc:  # out of memory or any other failure costs this batch only
@@ -175,6 +176,7 @@ class StepScheduler:
                 item.future.set_exception(VeilError("the core failed to run this step", code="forward_failed"))
             return
         compute_ms = (time.perf_counter() - started) * 1000
+        self.metrics.rows_computed.inc(self.engine.rows_computed - computed)
         self.metrics.batch_tokens.observe(sum(seg.n for _, seg in admitted))
         for (item, seg), hidden in zip(admitted, results):
             self.metrics.tokens.labels(kind="prefill" if seg.n > 1 else "decode").inc(seg.n)

@@ -20,6 +20,21 @@ from cloaking.secretbox import KeySource, create_key_file  # noqa: E402
 from veil_cli.processes import VeilPair  # noqa: E402
 
 SMOL_NAME = "smollm2-135m-instruct"
+REPO = Path(__file__).resolve().parents[1]
+# The core's vllm engine runs in its own venv (make core-vllm); both engines are tested in CI.
+VLLM_PYTHON = REPO / ".venv-core-vllm" / "bin" / "python"
+ENGINES = ("native", "vllm")
+
+
+def engine_env(engine: str) -> dict[str, str]:
+    """Core settings that select `engine`; the vllm engine's absence is a failure, never a skip."""
+    if engine == "native":
+        return {}
+    if not VLLM_PYTHON.is_file():
+        pytest.fail(f"the vllm engine's tests need its venv at {VLLM_PYTHON}: run `make core-vllm`")
+    # vLLM's KV cache is a prefix cache here: a small one holds the tests' sessions
+    return {"VEIL_CORE_ENGINE": "vllm", "VEIL_CORE_PYTHON": str(VLLM_PYTHON),
+            "VEIL_CORE_KV_BUDGET_BYTES": str(384 << 20)}
 
 
 @pytest.fixture(scope="session")
@@ -43,13 +58,33 @@ def smol_bundles(smol: Checkpoint, key_file: Path, tmp_path_factory: pytest.Temp
     return edge, core
 
 
+def _smol_pair(engine: str, smol_bundles: tuple[Path, Path], key_file: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> VeilPair:
+    return VeilPair(tmp_path_factory.mktemp(f"smol-servers-{engine}"), *smol_bundles, key_file, SMOL_NAME,
+                    core_env={"VEIL_CORE_MAX_TOKENS_PER_SESSION": "2048", "VEIL_CORE_SESSION_IDLE_SECONDS": "120",
+                              **engine_env(engine)})
+
+
 @pytest.fixture(scope="session")
 def smol_servers(smol_bundles: tuple[Path, Path], key_file: Path, tmp_path_factory: pytest.TempPathFactory):
     """Core + edge for SmolLM2 on loopback; the core's per-session limit is 2048 to keep limit tests cheap."""
-    pair = VeilPair(tmp_path_factory.mktemp("smol-servers"), *smol_bundles, key_file, SMOL_NAME,
-                    core_env={"VEIL_CORE_MAX_TOKENS_PER_SESSION": "2048", "VEIL_CORE_SESSION_IDLE_SECONDS": "120"})
+    pair = _smol_pair("native", smol_bundles, key_file, tmp_path_factory)
     yield pair
     pair.stop()
+
+
+@pytest.fixture(scope="session")
+def smol_servers_vllm(smol_bundles: tuple[Path, Path], key_file: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The same pair with the core on the vllm engine."""
+    pair = _smol_pair("vllm", smol_bundles, key_file, tmp_path_factory)
+    yield pair
+    pair.stop()
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def smol_servers_by_engine(request: pytest.FixtureRequest) -> VeilPair:
+    """SmolLM2's pair on each core engine in turn."""
+    return request.getfixturevalue("smol_servers" if request.param == "native" else "smol_servers_vllm")
 
 
 def reference_greedy(ckpt: Checkpoint, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

@@ -16,7 +16,7 @@ from edge_proxy.generate import Engine
 from edge_proxy.generation import Generation
 from edge_proxy.metrics import EdgeMetrics
 from edge_proxy.sampling import SamplingParams
-from tests.conftest import SMOL_NAME, reference_greedy
+from tests.conftest import ENGINES, SMOL_NAME, engine_env, reference_greedy
 from tests.tiny_models import ARCHITECTURES
 from veil_cli.processes import VeilPair
 
@@ -70,16 +70,18 @@ def _check_pair(ckpt, pair: VeilPair, edge_model: EdgeModel, model_name: str, pr
         assert streamed == text
 
 
-def test_smollm2_split_greedy_equals_transformers_generate(smol, smol_servers, smol_bundles, key_file: Path) -> None:
+def test_smollm2_split_greedy_equals_transformers_generate(smol, smol_servers_by_engine, smol_bundles,
+                                                          key_file: Path) -> None:
     edge_model = EdgeModel.load(smol_bundles[0], KeySource(key_file=key_file))
-    _check_pair(smol, smol_servers, edge_model, SMOL_NAME, PROMPTS, NEW_TOKENS)
+    _check_pair(smol, smol_servers_by_engine, edge_model, SMOL_NAME, PROMPTS, NEW_TOKENS)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_tiny_architectures_split_greedy_equals_transformers_generate(arch: str, tiny_bundles, key_file: Path,
-                                                                      tmp_path: Path) -> None:
+def test_tiny_architectures_split_greedy_equals_transformers_generate(arch: str, engine: str, tiny_bundles,
+                                                                      key_file: Path, tmp_path: Path) -> None:
     ckpt, edge, core = tiny_bundles[arch]
-    pair = VeilPair(tmp_path, edge, core, key_file, f"tiny-{arch}")
+    pair = VeilPair(tmp_path, edge, core, key_file, f"tiny-{arch}", core_env=engine_env(engine))
     try:
         edge_model = EdgeModel.load(edge, KeySource(key_file=key_file))
         _check_pair(ckpt, pair, edge_model, f"tiny-{arch}", PROMPTS, 20)

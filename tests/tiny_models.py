@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+# head_dim 32: the smallest vLLM's CPU attention runs (the vllm engine is tested on these too)
+COMMON = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=False)
 
 
@@ -17,7 +18,7 @@ def _configs() -> dict[str, Any]:
     return {
         "llama": lambda v: LlamaConfig(vocab_size=v, **COMMON),
         "qwen2": lambda v: Qwen2Config(vocab_size=v, **COMMON),  # q/k/v biases
-        "qwen3": lambda v: Qwen3Config(vocab_size=v, head_dim=32, **COMMON),  # per-head q/k norms, wide heads
+        "qwen3": lambda v: Qwen3Config(vocab_size=v, head_dim=64, **COMMON),  # per-head q/k norms, wide heads
         "mistral": lambda v: MistralConfig(vocab_size=v, sliding_window=16, **COMMON),  # window < prompt length
     }
 

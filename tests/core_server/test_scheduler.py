@@ -32,6 +32,7 @@ class RecordingEngine:
     """Stands in for an engine: out = 2·x, and it records each batch as (offset, n) per segment."""
 
     name = "recording"
+    rows_computed = 0
     spec = types.SimpleNamespace(hidden_size=DIM)
     device = torch.device("cpu")
 

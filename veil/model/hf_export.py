@@ -101,6 +101,8 @@ def hf_config(spec: CoreSpec, theta: float, dtype: str = "float32") -> dict:
         cfg["attention_bias"] = spec.attention_bias
     elif spec.architecture == "qwen2" and not spec.attention_bias:
         raise BundleError("a Qwen2 export needs q/k/v biases")
+    if spec.architecture == "qwen2" and spec.head_dim * spec.num_heads != spec.hidden_size:
+        raise BundleError("a Qwen2 export needs head_dim x heads = hidden_size")
     if spec.architecture in ("mistral", "qwen2", "qwen3"):
         cfg["sliding_window"] = next(iter(windows)) if windows else None
         if spec.architecture != "mistral":
