@@ -1,4 +1,5 @@
-"""The official `openai` client against real edge and core servers on loopback ports."""
+"""The official `openai` client against real edge and core servers on loopback ports, with the core on each
+engine (native and vllm)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from veil_cli.processes import Server, base_env, free_port
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def client(smol_servers) -> openai.OpenAI:
-    return openai.OpenAI(base_url=smol_servers.base_url, api_key="unused", max_retries=0)
+@pytest.fixture()
+def client(smol_servers_by_engine) -> openai.OpenAI:
+    return openai.OpenAI(base_url=smol_servers_by_engine.base_url, api_key="unused", max_retries=0)
 
 
 def _chat(client: openai.OpenAI, content: str, **kw):
@@ -50,9 +51,9 @@ def test_stream_chunks_follow_the_openai_format_with_usage(client: openai.OpenAI
     assert len({c.id for c in chunks}) == 1
 
 
-def test_raw_sse_ends_with_done(smol_servers) -> None:
+def test_raw_sse_ends_with_done(smol_servers_by_engine) -> None:
     body = {"model": SMOL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
-    with httpx.stream("POST", smol_servers.base_url + "/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", smol_servers_by_engine.base_url + "/chat/completions", json=body, timeout=60) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
@@ -119,28 +120,28 @@ def _active_sessions(metrics_url: str) -> float:
     return float(re.search(r"^veil_core_active_sessions (\S+)$", text, re.M).group(1))
 
 
-def test_client_disconnect_stops_generation_and_frees_the_core_session(client, smol_servers) -> None:
+def test_client_disconnect_stops_generation_and_frees_the_core_session(client, smol_servers_by_engine) -> None:
     body = {"model": SMOL_NAME, "messages": [{"role": "user", "content": "Write a very long essay about rivers."}],
             "max_tokens": 1500, "temperature": 0, "stream": True}
-    with httpx.stream("POST", smol_servers.base_url + "/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", smol_servers_by_engine.base_url + "/chat/completions", json=body, timeout=60) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 5:
                 break
     deadline = time.monotonic() + 15
-    while _active_sessions(smol_servers.metrics_url) > 0 and time.monotonic() < deadline:
+    while _active_sessions(smol_servers_by_engine.metrics_url) > 0 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _active_sessions(smol_servers.metrics_url) == 0
+    assert _active_sessions(smol_servers_by_engine.metrics_url) == 0
     assert re.search(r"status=disconnected stream=True prompt_tokens=\d+ completion_tokens=(\d+)",
-                     smol_servers.edge.log())
+                     smol_servers_by_engine.edge.log())
     n = int(re.findall(r"status=disconnected stream=True prompt_tokens=\d+ completion_tokens=(\d+)",
-                       smol_servers.edge.log())[-1])
+                       smol_servers_by_engine.edge.log())[-1])
     assert n < 200, "generation stopped soon after the client left"
 
 
 # --- errors: OpenAI's JSON shape and the right status ---------------------------------------------
 
-def _post(smol_servers, body: bytes | dict) -> httpx.Response:
-    url = smol_servers.base_url + "/chat/completions"
+def _post(smol_servers_by_engine, body: bytes | dict) -> httpx.Response:
+    url = smol_servers_by_engine.base_url + "/chat/completions"
     if isinstance(body, bytes):
         return httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
     return httpx.post(url, json=body, timeout=60)
@@ -159,8 +160,8 @@ def _post(smol_servers, body: bytes | dict) -> httpx.Response:
     ({"model": SMOL_NAME, "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, 400, "stop"),
     ({"model": SMOL_NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4000}, 400, "2048"),
 ])
-def test_bad_requests_get_openai_errors(smol_servers, body, status: int, needle: str) -> None:
-    r = _post(smol_servers, body)
+def test_bad_requests_get_openai_errors(smol_servers_by_engine, body, status: int, needle: str) -> None:
+    r = _post(smol_servers_by_engine, body)
     assert r.status_code == status
     err = r.json()["error"]
     assert needle in err["message"] and set(err) == {"message", "type", "param", "code"}
@@ -207,7 +208,7 @@ def test_core_unreachable_is_503(smol_bundles, key_file, tmp_path) -> None:
         edge.stop()
 
 
-def test_oversized_body_is_413(smol_servers) -> None:
+def test_oversized_body_is_413(smol_servers_by_engine) -> None:
     big = {"model": SMOL_NAME, "messages": [{"role": "user", "content": "x" * (5 * 1024 * 1024)}]}
-    r = _post(smol_servers, big)
+    r = _post(smol_servers_by_engine, big)
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
