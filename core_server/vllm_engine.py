@@ -29,12 +29,11 @@ import torch
 from core_server.engine import EngineStep
 from veil.bundle import CoreSpec
 from veil.errors import ConfigError
-from veil.model.hf_export import EXPORT_MARKER, export_hf
+from veil.model.hf_export import BUNDLE_SUBDIR, EXPORT_MARKER, export_hf
 from veil.model.kv import Rows
 
 log = logging.getLogger("veil.core.vllm")
 CPU_BLOCK_ROWS = 32  # the CPU attention backend takes multiples of 32; smaller blocks recompute fewer rows
-HF_SUBDIR = "hf"  # `veil cloak --core-format hf` puts the export here, inside the core bundle
 
 
 class SaltedRows(Rows):
@@ -49,7 +48,7 @@ class SaltedRows(Rows):
 
 def hf_folder(core_dir: Path, home: Path, spec: CoreSpec) -> Path:
     """The bundle's HF export: the one `veil cloak --core-format hf` wrote, else made now under `home`."""
-    inside = Path(core_dir) / HF_SUBDIR
+    inside = Path(core_dir) / BUNDLE_SUBDIR
     if (inside / EXPORT_MARKER).is_file():
         return export_hf(core_dir, inside)  # reused when its marker matches this bundle, remade otherwise
     return export_hf(core_dir, Path(home) / "core-hf" / spec.bundle_id)

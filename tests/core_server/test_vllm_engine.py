@@ -152,3 +152,20 @@ def test_edge_held_layers_on_the_vllm_engine_equal_transformers(smol, key_file: 
         assert "engine=vllm" in pair.core.log()
     finally:
         pair.stop()
+
+
+def test_veil_cloak_core_format_hf_writes_the_export_into_the_core_bundle(tiny_checkpoints, tmp_path: Path,
+                                                                         monkeypatch, capsys) -> None:
+    from veil_cli.main import main
+
+    monkeypatch.setenv("VEIL_HOME", str(tmp_path / "home"))
+    core = tmp_path / "core"
+    assert main(["cloak", str(tiny_checkpoints["qwen3"]), "--edge-out", str(tmp_path / "edge"), "--core-out",
+                 str(core), "--core-format", "hf"]) == 0
+    assert "core as HF" in capsys.readouterr().out
+    from core_server.vllm_engine import hf_folder
+
+    spec = read_core_spec(core)
+    assert hf_folder(core, tmp_path / "home", spec) == core / "hf"  # the engine takes it as it is
+    assert json.loads((core / "hf" / EXPORT_MARKER).read_text())["bundle_id"] == spec.bundle_id
+    assert not (tmp_path / "home" / "core-hf").exists()

@@ -31,6 +31,7 @@ HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 # what the export is made from; a folder whose marker matches is reused as it is
 EXPORT_MARKER = "veil_export.json"
+BUNDLE_SUBDIR = "hf"  # `veil cloak --core-format hf` writes the export here, inside the core bundle
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
