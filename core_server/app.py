@@ -68,11 +68,15 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+CPU_VLLM_SHARE = 0.25  # vLLM allocates its whole KV cache at start: on a CPU it shares the host with everything else
+
+
 def _kv_budget(settings: Settings, device: torch.device, worst_case: int) -> int:
-    """core.kv_budget_bytes, else 90% of what the device has free, never more than the worst case needs."""
+    """core.kv_budget_bytes, else the worst case, capped at 90% of a GPU's free memory or a quarter of the host's."""
     if settings.core.kv_budget_bytes:
         return settings.core.kv_budget_bytes
-    return min(int(AUTO_SHARE * free_bytes(device)), worst_case)
+    share = AUTO_SHARE if device.type == "cuda" else CPU_VLLM_SHARE
+    return min(int(share * free_bytes(device)), worst_case)
 
 
 def _engine(settings: Settings) -> tuple[CoreEngine, int, int]:
