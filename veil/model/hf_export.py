@@ -31,6 +31,7 @@ HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 # what the export is made from; a folder whose marker matches is reused as it is
 EXPORT_MARKER = "veil_export.json"
+EXPORT_VERSION = 1  # bump when the export's layout changes: older exports are then remade
 BUNDLE_SUBDIR = "hf"  # `veil cloak --core-format hf` writes the export here, inside the core bundle
 
 _ARCHITECTURES = {
@@ -88,6 +89,9 @@ def hf_config(spec: CoreSpec, theta: float, dtype: str = "float32") -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": theta},
         "max_position_embeddings": spec.max_positions,
         "vocab_size": VOCAB_ROWS,
+        "bos_token_id": None,  # no token has a meaning here (HF configs otherwise default them to 1 and 2)
+        "eos_token_id": None,
+        "pad_token_id": None,
         "tie_word_embeddings": True,
         "torch_dtype": dtype,
         "dtype": dtype,
@@ -139,7 +143,8 @@ def export_hf(core_dir: Path, target: Path, dtype: torch.dtype = torch.float32) 
     core_dir, target = Path(core_dir), Path(target)
     spec = read_core_spec(core_dir, CORE_SPEC)
     dtype_name = str(dtype).removeprefix("torch.")
-    marker = {"bundle_id": spec.bundle_id, "dtype": dtype_name, "first_layer": spec.first_layer}
+    marker = {"export_version": EXPORT_VERSION, "bundle_id": spec.bundle_id, "dtype": dtype_name,
+              "first_layer": spec.first_layer}
     try:
         if json.loads((target / EXPORT_MARKER).read_text()) == marker:
             return target
