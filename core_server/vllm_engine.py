@@ -29,7 +29,7 @@ import torch
 from core_server.engine import EngineStep
 from veil.bundle import CoreSpec
 from veil.errors import ConfigError
-from veil.model.hf_export import BUNDLE_SUBDIR, EXPORT_MARKER, export_hf
+from veil.model.hf_export import BUNDLE_SUBDIR, export_hf, is_current_export
 from veil.model.kv import Rows
 
 log = logging.getLogger("veil.core.vllm")
@@ -47,10 +47,13 @@ class SaltedRows(Rows):
 
 
 def hf_folder(core_dir: Path, home: Path, spec: CoreSpec) -> Path:
-    """The bundle's HF export: the one `veil cloak --core-format hf` wrote, else made now under `home`."""
+    """The bundle's HF export: the one `veil cloak --core-format hf` wrote when it is current, else one made
+    now under `home` (the bundle itself may be read-only, and is never rewritten here)."""
     inside = Path(core_dir) / BUNDLE_SUBDIR
-    if (inside / EXPORT_MARKER).is_file():
-        return export_hf(core_dir, inside)  # reused when its marker matches this bundle, remade otherwise
+    if is_current_export(core_dir, inside):
+        return inside
+    if inside.exists():
+        log.warning("the core bundle's hf/ export is from another bundle or Veil version; exporting again under home")
     return export_hf(core_dir, Path(home) / "core-hf" / spec.bundle_id)
 
 

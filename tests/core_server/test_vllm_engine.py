@@ -169,3 +169,7 @@ def test_veil_cloak_core_format_hf_writes_the_export_into_the_core_bundle(tiny_c
     assert hf_folder(core, tmp_path / "home", spec) == core / "hf"  # the engine takes it as it is
     assert json.loads((core / "hf" / EXPORT_MARKER).read_text())["bundle_id"] == spec.bundle_id
     assert not (tmp_path / "home" / "core-hf").exists()
+    marker = core / "hf" / EXPORT_MARKER  # a stale export in a (read-only) bundle is left alone, not rewritten
+    marker.write_text(marker.read_text().replace(spec.bundle_id, "0" * 32))
+    assert hf_folder(core, tmp_path / "home", spec) == tmp_path / "home" / "core-hf" / spec.bundle_id
+    assert "0" * 32 in marker.read_text()

@@ -13,8 +13,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = {
     "core": REPO / "docker" / "core.Dockerfile",
+    "core-vllm": REPO / "docker" / "core-vllm.Dockerfile",
     "edge": REPO / "docker" / "edge.Dockerfile",
 }
+CORE_IMAGES = ("core", "core-vllm")
 SECRETISH = re.compile(r"(PASSWORD|PASSPHRASE|SECRET|TOKEN|API_KEY|PRIVATE_KEY|ACCESS_KEY)", re.I)
 WEIGHTS = re.compile(r"\.(safetensors|gguf|bin|pt|pth|ckpt|onnx)\b|bundles?/|\.key\b|\.pem\b", re.I)
 
@@ -101,10 +103,10 @@ def test_no_secrets_or_weights_baked_in(dockerfile: Path) -> None:
             assert not re.search(r"(curl|wget)\b.*(huggingface|hf\.co)", args), "no weights download"
 
 
-def core_image_packages() -> set[str]:
-    """The top-level Python packages the core image's COPY lines bring from the repository."""
+def core_image_packages(image: str = "core") -> set[str]:
+    """The top-level Python packages a core image's COPY lines bring from the repository."""
     packages = set()
-    for word, args in instructions(DOCKERFILES["core"]):
+    for word, args in instructions(DOCKERFILES[image]):
         if word != "COPY" or args.startswith("--from"):
             continue
         *sources, _ = args.split()
@@ -130,13 +132,39 @@ def _imports(path: Path) -> set[str]:
     return roots
 
 
-def test_core_image_ships_only_the_ground_floor_and_the_core() -> None:
-    packages = core_image_packages()
+@pytest.mark.parametrize("image", CORE_IMAGES)
+def test_core_image_ships_only_the_ground_floor_and_the_core(image: str) -> None:
+    packages = core_image_packages(image)
     assert packages == {"veil", "core_server"}
     for package in packages:
         for module in (REPO / package).rglob("*.py"):
             leaked = _imports(module) & EDGE_ONLY_IMPORTS
             assert not leaked, f"{module.relative_to(REPO)} is in the core image but imports {sorted(leaked)}"
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_vllm_core_image_keeps_vllms_torch_and_adds_the_cores_other_dependencies() -> None:
+    import tomllib
+
+    steps = instructions(DOCKERFILES["core-vllm"])
+    env = " ".join(a for w, a in steps if w == "ENV")
+    assert "VEIL_CORE_ENGINE=vllm" in env
+    assert "VLLM_NO_USAGE_STATS=1" in env and "HF_HUB_OFFLINE=1" in env  # nothing leaves the core
+    (base,) = [a.split()[0] for w, a in steps if w == "FROM" and a.split()[0].startswith("vllm/vllm-openai:")]
+    assert base.startswith("vllm/vllm-openai:v0.32.0@sha256:")  # the vLLM the engine is tested with (Makefile)
+    installs = [a for w, a in steps if w == "RUN" and "pip install" in a]
+    assert len(installs) == 1
+    commands = installs[0].split("&&")
+    veil = [c for c in commands if "/wheels/" in c]
+    assert len(veil) == 1 and "--no-deps" in veil[0], "vLLM's torch must stay: veil goes in without dependencies"
+    (deps,) = [c for c in commands if "pip install" in c and "/wheels/" not in c]
+    listed = re.findall(r'"([^"]+)"', deps)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert sorted(listed) == sorted(d for d in project if _requirement_name(d) != "torch")
+    assert "--upgrade" not in deps and " -U " not in deps
 
 
 def test_dockerignore_keeps_weights_keys_and_state_out_of_the_context() -> None:

@@ -90,8 +90,9 @@ def test_tooling_is_real_helm_and_has_k8s_1_30_schemas() -> None:
         kubernetes_validate.validate(broken, K8S, strict=True)
 
 
-def test_variants_cover_gpu_cpu_locker_autoscaling() -> None:
-    assert {"default", "gpu", "cpu", "locker", "autoscaling"} <= set(VARIANTS)
+def test_variants_cover_gpu_cpu_locker_autoscaling_vllm() -> None:
+    assert {"default", "gpu", "cpu", "locker", "autoscaling", "vllm"} <= set(VARIANTS)
+    assert VARIANTS["vllm"]["core"]["engine"] == "vllm" and VARIANTS["vllm"]["core"]["tensorParallelSize"] == 2
 
 
 def test_helm_lint_passes(variant: str) -> None:
@@ -161,6 +162,11 @@ def test_default_values_pass_the_schema() -> None:
         ({"core": {"lockerAfterSeconds": 0}}, "/core/lockerAfterSeconds", "exclusiveMinimum"),
         ({"locker": {"ttlSeconds": 0}}, "/locker/ttlSeconds", "minimum"),
         ({"locker": {"maxSnapshotBytes": 0}}, "/locker/maxSnapshotBytes", "minimum"),
+        ({"core": {"engine": "tgi"}}, "/core/engine", "must be one of"),
+        ({"core": {"tensorParallelSize": 0}}, "/core/tensorParallelSize", "minimum"),
+        ({"core": {"vllmBlockSize": -1}}, "/core/vllmBlockSize", "minimum"),
+        ({"vllm": {"shmSize": "lots"}}, "/vllm/shmSize", ""),
+        ({"vllm": {"exportVolume": {"mountPath": "home"}}}, "/vllm/exportVolume/mountPath", "pattern"),
     ],
 )
 def test_schema_rejects_bad_values_with_a_clear_message(values: dict, where: str, why: str) -> None:
@@ -211,6 +217,18 @@ def test_negative_replicas_fail_install_render_and_lint() -> None:
             'lists the key of "f" twice',
         ),
         ({"metrics": {"port": 8001}}, r"metrics.port \(8001\) must differ from core.port"),
+        (
+            {"core": {"engine": "vllm", "tensorParallelSize": 4}, "gpu": {"count": 2}},
+            r"core.tensorParallelSize \(4\) needs as many GPUs per pod, but gpu.count is 2",
+        ),
+        (
+            {"core": {"tensorParallelSize": 2}, "gpu": {"count": 2}},
+            'core.tensorParallelSize is 2 but core.engine is "native": only the vllm engine',
+        ),
+        (
+            {"core": {"engine": "vllm", "device": "cpu"}, "gpu": {"enabled": False}},
+            "core.engine is vllm but gpu.enabled is false",
+        ),
     ],
 )
 def test_cross_field_mistakes_fail_with_a_clear_message(values: dict, message: str) -> None:

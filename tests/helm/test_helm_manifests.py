@@ -34,6 +34,7 @@ HEALTHZ, READYZ, METRICS = "/healthz", "/readyz", "/metrics"
 METRICS_PORT = 9100
 CORE_ENV = {
     "VEIL_CORE_HOST", "VEIL_CORE_PORT", "VEIL_CORE_BUNDLE", "VEIL_CORE_DEVICE",
+    "VEIL_CORE_ENGINE", "VEIL_CORE_TENSOR_PARALLEL_SIZE", "VEIL_CORE_VLLM_BLOCK_SIZE",
     "VEIL_CORE_MAX_SESSIONS", "VEIL_CORE_MAX_TOKENS_PER_SESSION", "VEIL_CORE_SESSION_IDLE_SECONDS",
     "VEIL_CORE_MAX_BATCH_TOKENS", "VEIL_CORE_MAX_RESULT_ROWS", "VEIL_CORE_MAX_QUEUED_STEPS",
     "VEIL_CORE_KV_BUDGET_BYTES", "VEIL_CORE_THREADS", "VEIL_LOG_LEVEL",
@@ -109,7 +110,7 @@ def test_resources_are_set_and_gpu_follows_values(variant: str, rendered: Render
         assert core_settings(rendered)["VEIL_CORE_DEVICE"] == "cpu"
     else:
         assert resources["limits"][gpu] == resources["requests"][gpu] >= 1
-        assert container["image"].endswith("-cuda")
+        assert container["image"].endswith("-vllm" if variant == "vllm" else "-cuda")
     if variant == "gpu":
         spec = pod_spec(core_deployment(rendered))
         assert resources["limits"][gpu] == 2
@@ -471,3 +472,56 @@ def test_metrics_have_their_own_port_everywhere(variant: str, rendered: Rendered
     assert core_settings(moved)["VEIL_CORE_METRICS_PORT"] == "9400"
     assert {p["name"]: p["containerPort"] for p in core_container(moved)["ports"]}["metrics"] == 9400
     assert moved.one("Service", "veil-core-metrics")["spec"]["ports"][0]["port"] == 9400
+
+
+def test_vllm_variant_runs_the_vllm_image_over_two_gpus_with_shm_and_an_export_home() -> None:
+    rendered = rendered_variant("vllm")
+    settings = core_settings(rendered)
+    assert (settings["VEIL_CORE_ENGINE"], settings["VEIL_CORE_TENSOR_PARALLEL_SIZE"]) == ("vllm", "2")
+    assert settings["VEIL_CORE_VLLM_BLOCK_SIZE"] == "16"
+    container = core_container(rendered)
+    assert container["image"] == "veil-core:0.1.0-vllm"
+    gpu = "nvidia.com/gpu"
+    assert container["resources"]["limits"][gpu] == container["resources"]["requests"][gpu] == 2
+    # /dev/shm: a memory-backed emptyDir (the runtime's 64Mi default starves vLLM's workers)
+    mount, volume = volume_of(rendered, "/dev/shm")
+    assert not mount.get("readOnly")
+    assert volume["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    # the core's home, where it writes the bundle's HF export: writable, on disk, VEIL_HOME points at it
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mount, volume = volume_of(rendered, env["VEIL_HOME"])
+    assert env["VEIL_HOME"] == "/var/lib/veil/home" and not mount.get("readOnly")
+    assert volume["emptyDir"] == {"sizeLimit": "40Gi"}
+    # vLLM starts slower: the startup probe waits at least vllm.startupFailureThreshold periods
+    startup = container["startupProbe"]
+    assert startup["failureThreshold"] == 180 and startup["periodSeconds"] * startup["failureThreshold"] >= 1800
+    assert "allows 1800 s" in rendered.notes and "Engine: vllm" in rendered.notes
+
+
+def test_only_the_vllm_engine_gets_shm_and_an_export_home(variant: str, rendered: Rendered) -> None:
+    settings = core_settings(rendered)
+    vllm = variant == "vllm"
+    assert settings["VEIL_CORE_ENGINE"] == ("vllm" if vllm else "native")
+    assert settings["VEIL_CORE_TENSOR_PARALLEL_SIZE"] == ("2" if vllm else "1")
+    container = core_container(rendered)
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert ("/dev/shm" in mounts) == vllm and ("/var/lib/veil/home" in mounts) == vllm
+    assert ("VEIL_HOME" in {e["name"] for e in container["env"]}) == vllm
+    assert ("Engine: vllm" in rendered.notes) == vllm
+
+
+def test_vllm_engine_defaults_and_overrides() -> None:
+    container = core_container(render({"core": {"engine": "vllm"}}))
+    assert container["image"] == "veil-core:0.1.0-vllm"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["startupProbe"]["failureThreshold"] == 180  # values.yaml: 90 for the native engine
+    _, shm = volume_of(render({"core": {"engine": "vllm"}}), "/dev/shm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    # a longer startup budget set in probes.startup is kept; an explicit tag or digest wins
+    custom = core_container(
+        render({"core": {"engine": "vllm"}, "probes": {"startup": {"failureThreshold": 400}}, "image": {"tag": "mine"}})
+    )
+    assert custom["startupProbe"]["failureThreshold"] == 400 and custom["image"] == "veil-core:mine"
+    # vLLM on CPU: only with an image of your own (the -vllm image is vLLM's CUDA build)
+    cpu = render({"core": {"engine": "vllm", "device": "cpu"}, "gpu": {"enabled": False}, "image": {"tag": "vllm-cpu"}})
+    assert core_settings(cpu)["VEIL_CORE_ENGINE"] == "vllm" and core_container(cpu)["image"] == "veil-core:vllm-cpu"

@@ -137,19 +137,28 @@ def hf_tensors(spec: CoreSpec, tensors: dict[str, torch.Tensor], dtype: torch.dt
     return out
 
 
+def _marker(spec: CoreSpec, dtype: torch.dtype) -> dict:
+    return {"export_version": EXPORT_VERSION, "bundle_id": spec.bundle_id, "dtype": str(dtype).removeprefix("torch."),
+            "first_layer": spec.first_layer}
+
+
+def is_current_export(core_dir: Path, folder: Path, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether `folder` holds this version's export of the bundle in `core_dir`, in `dtype`."""
+    try:
+        return json.loads((Path(folder) / EXPORT_MARKER).read_text()) == _marker(read_core_spec(core_dir), dtype)
+    except (OSError, ValueError):
+        return False
+
+
 def export_hf(core_dir: Path, target: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write `target` as an HF folder of the core bundle in `core_dir` (atomically); reuse it when it was
     already made from this bundle in this dtype. -> target"""
     core_dir, target = Path(core_dir), Path(target)
+    if is_current_export(core_dir, target, dtype):
+        return target
     spec = read_core_spec(core_dir, CORE_SPEC)
     dtype_name = str(dtype).removeprefix("torch.")
-    marker = {"export_version": EXPORT_VERSION, "bundle_id": spec.bundle_id, "dtype": dtype_name,
-              "first_layer": spec.first_layer}
-    try:
-        if json.loads((target / EXPORT_MARKER).read_text()) == marker:
-            return target
-    except (OSError, ValueError):
-        pass
+    marker = _marker(spec, dtype)
     tensors = load_tensors(core_dir / CORE_WEIGHTS)
     inv_freq = tensors.pop("rope.inv_freq", None)
     if inv_freq is None:

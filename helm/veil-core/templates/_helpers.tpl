@@ -67,15 +67,31 @@ app.kubernetes.io/part-of: veil
 {{- end }}
 {{- end }}
 
-{{/* The core image: digest wins over tag; the tag defaults to <appVersion>-cuda|cpu. */}}
+{{/* The core image: digest wins over tag; the tag defaults to <appVersion>-vllm (core.engine vllm), else -cuda|cpu. */}}
 {{- define "veil-core.image" -}}
 {{- $image := .Values.image }}
 {{- if $image.digest }}
 {{- printf "%s@%s" $image.repository $image.digest }}
 {{- else }}
-{{- $tag := $image.tag | default (printf "%s-%s" .Chart.AppVersion (ternary "cuda" "cpu" .Values.gpu.enabled)) }}
+{{- $variant := ternary "cuda" "cpu" .Values.gpu.enabled }}
+{{- if include "veil-core.vllm.active" . }}{{ $variant = "vllm" }}{{ end }}
+{{- $tag := $image.tag | default (printf "%s-%s" .Chart.AppVersion $variant) }}
 {{- printf "%s:%s" $image.repository $tag }}
 {{- end }}
+{{- end }}
+
+{{/* Whether the core runs the vllm engine (its image, /dev/shm and export volume). */}}
+{{- define "veil-core.vllm.active" -}}
+{{- if eq .Values.core.engine "vllm" }}true{{ end }}
+{{- end }}
+
+{{/* The startup probe's failureThreshold: vLLM starts slower, so with it at least vllm.startupFailureThreshold. */}}
+{{- define "veil-core.startup.failureThreshold" -}}
+{{- $threshold := int64 .Values.probes.startup.failureThreshold }}
+{{- if include "veil-core.vllm.active" . }}
+{{- $threshold = max $threshold (int64 .Values.vllm.startupFailureThreshold) }}
+{{- end }}
+{{- $threshold }}
 {{- end }}
 
 {{- define "veil-core.identity.secretName" -}}

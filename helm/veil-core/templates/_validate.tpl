@@ -61,4 +61,14 @@
 {{- if and (not $v.gpu.enabled) (eq $v.core.device "cuda") }}
 {{- fail "core.device is \"cuda\" but gpu.enabled is false: set core.device to cpu or auto" }}
 {{- end }}
+{{- $tp := int64 $v.core.tensorParallelSize }}
+{{- if and (gt $tp 1) (ne $v.core.engine "vllm") }}
+{{- fail (printf "core.tensorParallelSize is %d but core.engine is %q: only the vllm engine splits a model over GPUs (set core.engine to vllm, or tensorParallelSize to 1)" $tp $v.core.engine) }}
+{{- end }}
+{{- if and (eq $v.core.engine "vllm") $v.gpu.enabled (lt (int64 $v.gpu.count) $tp) }}
+{{- fail (printf "core.tensorParallelSize (%d) needs as many GPUs per pod, but gpu.count is %d: raise gpu.count or lower core.tensorParallelSize" $tp (int64 $v.gpu.count)) }}
+{{- end }}
+{{- if and (eq $v.core.engine "vllm") (not $v.gpu.enabled) (not (or $v.image.tag $v.image.digest)) }}
+{{- fail "core.engine is vllm but gpu.enabled is false: the -vllm image (docker/core-vllm.Dockerfile) is built on vLLM's CUDA image; for vLLM on CPU set image.tag or image.digest to an image with vLLM's CPU build" }}
+{{- end }}
 {{- end }}
