@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 # head_dim 32: the smallest vLLM's CPU attention runs (the vllm engine is tested on these too)
-COMMON = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=False)
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=False)
 
 
 def _configs() -> dict[str, Any]:
