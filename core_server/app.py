@@ -223,7 +223,7 @@ async def step(sid: str, request: Request[Any, Any, CoreState], state: CoreState
         result = await scheduler.submit(req)
     finally:
         scheduler.table.use(held, -1)
-    log.info("step rid=%s rows_in=%d rows_out=%d bytes_in=%d queue_ms=%.2f compute_ms=%.2f",
+    log.debug("step rid=%s rows_in=%d rows_out=%d bytes_in=%d queue_ms=%.2f compute_ms=%.2f",
              req.request_id, req.hidden.shape[0], result.hidden.shape[0], len(body), result.queue_ms,
              result.compute_ms)
     assert held.channel is not None

@@ -14,6 +14,7 @@ import torch
 from edge_proxy.core_client import CoreTransport
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.generation import Generation, Status
+from edge_proxy.head_batch import HeadBatcher
 from edge_proxy.logprobs import prompt_logprobs, token_logprob
 from edge_proxy.metrics import EdgeMetrics
 from edge_proxy.outgoing import OutgoingStates
@@ -30,6 +31,7 @@ class Engine:
 
     def __init__(self, model: EdgeModel, core: CoreTransport, metrics: EdgeMetrics, default_max_tokens: int = 0):
         self.model, self.core, self.metrics = model, core, metrics
+        self.head = HeadBatcher(model, metrics)  # one LM-head GEMM per tick for all streams
         self.default_max_tokens = default_max_tokens
         self.context_limit: int | None = None  # known once the core is verified; None means "ask it"
 
@@ -96,17 +98,14 @@ class Engine:
         self.metrics.step_roundtrip.observe(time.perf_counter() - started)
         return hidden
 
-    def _next_token(self, hidden: torch.Tensor, sampler: Sampler, gen: Generation) -> int:
-        """LM head, the grammar's mask, sampling; the token's log-probability when asked (runs in a thread)."""
-        started = time.perf_counter()
-        logits = self.model.logits(hidden)
+    def _choose(self, logits: torch.Tensor, sampler: Sampler, gen: Generation) -> int:
+        """The grammar's mask, sampling; the token's log-probability when asked (in the head's worker thread)."""
         token = sampler.sample(logits, None if gen.constraint is None else gen.constraint.allowed())
         if token not in self.model.eos_ids:
             if gen.logprobs is not None:
                 gen.token_logprobs.append(token_logprob(logits, token, gen.logprobs))
             if gen.constraint is not None:
                 gen.constraint.advance(token)
-        self.metrics.head.observe(time.perf_counter() - started)
         return token
 
     def _prefilled(self, rows: torch.Tensor, gen: Generation) -> torch.Tensor:
@@ -158,7 +157,7 @@ class Engine:
         ended: str | None = None  # set when the reply text itself ends the reply (a stop string, an output rule)
         try:
             while True:
-                token = await asyncio.to_thread(self._next_token, hidden, sampler, gen)
+                token = await self.head.run(hidden, lambda logits: self._choose(logits, sampler, gen))
                 gen.add_token(token)
                 if token in self.model.eos_ids:
                     break

@@ -45,5 +45,7 @@ class EdgeMetrics:
         self.reprefills = Counter("veil_edge_reprefills_total",
                                   "Sessions the core lost and the edge re-sent from its history (same rows)",
                                   registry=r)
-        self.head = Histogram("veil_edge_head_seconds", "Final norm, LM head and sampling per token",
-                              registry=r, buckets=_FAST)
+        self.head = Histogram("veil_edge_head_seconds", "Final norm, LM head and sampling per tick (one GEMM for "
+                              "every stream waiting for a token)", registry=r, buckets=_FAST)
+        self.head_batch_rows = Histogram("veil_edge_head_batch_rows", "Streams served by one LM-head tick",
+                                         registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128))

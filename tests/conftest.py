@@ -60,9 +60,12 @@ def smol_bundles(smol: Checkpoint, key_file: Path, tmp_path_factory: pytest.Temp
 
 def _smol_pair(engine: str, smol_bundles: tuple[Path, Path], key_file: Path,
                tmp_path_factory: pytest.TempPathFactory) -> VeilPair:
+    # the native core logs at DEBUG, so that the log-privacy tests search every line a core can write (the
+    # per-step lines included)
+    debug = {"VEIL_LOG_LEVEL": "debug"} if engine == "native" else {}
     return VeilPair(tmp_path_factory.mktemp(f"smol-servers-{engine}"), *smol_bundles, key_file, SMOL_NAME,
                     core_env={"VEIL_CORE_MAX_TOKENS_PER_SESSION": "2048", "VEIL_CORE_SESSION_IDLE_SECONDS": "120",
-                              **engine_env(engine)})
+                              **debug, **engine_env(engine)})
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,82 @@
+"""One LM-head GEMM per tick for every stream waiting for a token, off the event loop.
+
+A decode token's LM head reads the whole [V, d] head (113 MB for SmolLM2 in float32) for one
+row: with one GEMV per stream, 16 streams read it 16 times. Here a stream hands its row and
+what to do with its logits (sample, mask, log-probabilities) to the batcher; while a GEMM runs
+in the worker thread, the rows of other streams queue, and the next tick takes them all in one
+GEMM, then runs each stream's follow-up in the same thread. One stream alone waits for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from edge_proxy.edge_model import EdgeModel
+from edge_proxy.metrics import EdgeMetrics
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(slots=True)
+class _Waiting:
+    hidden: torch.Tensor  # [d]
+    then: Callable[[torch.Tensor], Any]  # [V] logits -> the stream's result, run in the worker thread
+    future: asyncio.Future[Any]
+
+
+class HeadBatcher:
+    """Used from one event loop; the GEMM and the follow-ups run in a worker thread."""
+
+    def __init__(self, model: EdgeModel, metrics: EdgeMetrics):
+        self.model, self.metrics = model, metrics
+        self._waiting: list[_Waiting] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def run(self, hidden: torch.Tensor, then: Callable[[torch.Tensor], T]) -> T:
+        """`then(logits)` for this row's [V] logits, computed in the next tick's GEMM."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiting(hidden, then, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            batch = [w for w in batch if not w.future.done()]  # a cancelled stream needs no logits
+            if not batch:
+                continue
+            try:
+                results = await asyncio.to_thread(self._tick, batch)
+            except BaseException as exc:  # the GEMM itself failed: every row of this tick fails with it
+                for w in batch:
+                    if not w.future.done():
+                        w.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for w, (ok, value) in zip(batch, results):
+                if w.future.done():
+                    continue
+                if ok:
+                    w.future.set_result(value)
+                else:
+                    w.future.set_exception(value)
+
+    def _tick(self, batch: list[_Waiting]) -> list[tuple[bool, Any]]:
+        started = time.perf_counter()
+        logits = self.model.logits_rows(torch.stack([w.hidden for w in batch]))
+        out: list[tuple[bool, Any]] = []
+        for w, row in zip(batch, logits):
+            try:
+                out.append((True, w.then(row)))
+            except Exception as exc:  # one stream's follow-up failing is that stream's error only
+                out.append((False, exc))
+        self.metrics.head.observe(time.perf_counter() - started)
+        self.metrics.head_batch_rows.observe(len(batch))
+        return out

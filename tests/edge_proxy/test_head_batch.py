@@ -1,0 +1,78 @@
+"""The LM-head batcher: streams waiting together share one GEMM, each gets its own row's result."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from edge_proxy.head_batch import HeadBatcher
+from edge_proxy.metrics import EdgeMetrics
+
+
+class CountingHead:
+    """Stands in for EdgeModel: logits = h·Wᵀ; records the rows of each GEMM and can hold one open."""
+
+    def __init__(self) -> None:
+        self.weight = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+        self.calls: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def logits_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.gate.wait(5)
+        self.calls.append(hidden.shape[0])
+        return hidden @ self.weight.T
+
+
+def _batcher(head: CountingHead) -> HeadBatcher:
+    return HeadBatcher(head, EdgeMetrics())  # type: ignore[arg-type]
+
+
+def test_streams_waiting_together_share_one_gemm_and_get_their_own_rows() -> None:
+    head = CountingHead()
+    rows = torch.randn(6, 8)
+
+    async def main() -> list[int]:
+        batcher = _batcher(head)
+        head.gate.clear()  # the first tick holds the GEMM while five more streams arrive
+        first = asyncio.create_task(batcher.run(rows[0], lambda lg: int(lg.argmax())))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.create_task(batcher.run(rows[i], lambda lg: int(lg.argmax()))) for i in range(1, 6)]
+        await asyncio.sleep(0.05)
+        head.gate.set()
+        return [await first] + [await t for t in rest]
+
+    got = asyncio.run(main())
+    assert got == [int(r.argmax()) for r in rows @ head.weight.T]
+    assert head.calls == [1, 5]  # one stream alone did not wait; the five that queued shared one GEMM
+
+
+def test_one_streams_failure_is_its_own() -> None:
+    head = CountingHead()
+
+    def broken(_: torch.Tensor) -> int:
+        raise ValueError("this stream's grammar refused")
+
+    async def main():
+        batcher = _batcher(head)
+        head.gate.clear()
+        blocker = asyncio.create_task(batcher.run(torch.randn(8), lambda lg: 0))
+        await asyncio.sleep(0.05)
+        bad = asyncio.create_task(batcher.run(torch.randn(8), broken))
+        good = asyncio.create_task(batcher.run(torch.randn(8), lambda lg: lg.shape[0]))
+        gone = asyncio.create_task(batcher.run(torch.randn(8), lambda lg: 1))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # a client that left: the others are served all the same
+        head.gate.set()
+        await blocker
+        with pytest.raises(ValueError, match="grammar refused"):
+            await bad
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        return await good
+
+    assert asyncio.run(main()) == 50
+    assert head.calls == [1, 2]  # the cancelled stream's row was dropped from the tick
