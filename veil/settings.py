@@ -61,6 +61,7 @@ class CoreSettings:
     port: int = 8001
     bundle: str = ""  # core bundle dir; empty = bundle.core_dir
     device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     engine: str = "native"  # native (Veil's own loop) | vllm (vLLM in the core's process; needs vLLM installed)
     python: str = ""  # interpreter `veil up` runs the core with (the vllm engine's own venv); empty = this one
     tensor_parallel_size: int = 1  # vllm engine: GPUs one model is split over
@@ -169,6 +170,8 @@ class Settings:
             raise ConfigError("core.locker_after_seconds, locker.ttl_seconds and locker.max_snapshot_bytes must be > 0")
         if self.core.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("core.device must be one of auto, cpu, cuda")
+        if self.core.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError("core.dtype must be one of auto, float32, bfloat16, float16")
         if self.core.engine not in ("native", "vllm"):
             raise ConfigError("core.engine must be native or vllm")
         if self.core.tensor_parallel_size < 1 or self.core.vllm_block_size < 0:

@@ -1,0 +1,62 @@
+"""core.dtype: the folded blocks in bfloat16 against float32, teacher-forced on the privacy audit's prompts.
+
+float32 is the exactness reference (greedy parity is tested there); this reports how often bfloat16
+picks the same next token at every prompt position, and fails if it drops below what makes it usable.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cloaking.secretbox import KeySource
+from edge_proxy.chat_template import render_prompt
+from edge_proxy.edge_model import EdgeModel
+from privacy_audit.prompts import load_prompts
+from veil.errors import ConfigError
+from veil.model.decoder import DecoderStack
+from veil.settings import load_settings
+
+
+def test_core_dtype_is_checked() -> None:
+    assert load_settings(environ={}).core.dtype == "auto"
+    assert load_settings(environ={"VEIL_CORE_DTYPE": "bfloat16"}).core.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="core.dtype must be one of"):
+        load_settings(environ={"VEIL_CORE_DTYPE": "int4"})
+
+
+@pytest.mark.slow
+def test_bfloat16_top1_agreement_with_float32_on_the_audit_prompts(smol_bundles, key_file) -> None:
+    edge_dir, core_dir = smol_bundles
+    model = EdgeModel.load(edge_dir, KeySource(key_file=key_file))
+    stacks = {dtype: DecoderStack.load(core_dir, torch.device("cpu"), dtype) for dtype in (torch.float32, torch.bfloat16)}
+    same = total = 0
+    for prompt in load_prompts(limit=24):
+        ids = render_prompt(model.tokenizer, prompt.messages)
+        x = model.embed(ids)
+        picks = {}
+        for dtype, stack in stacks.items():
+            out = stack.step(x, [stack.new_session(len(ids)).begin(0, len(ids))])
+            picks[dtype] = model.logits_rows(out.float()).argmax(-1)
+        same += int((picks[torch.float32] == picks[torch.bfloat16]).sum())
+        total += len(ids)
+    agreement = same / total
+    print(f"\nbfloat16 vs float32 teacher-forced top-1 agreement: {agreement:.4f} over {total} positions")
+    assert agreement >= 0.9
+
+
+def test_a_core_configured_for_bfloat16_runs_its_stack_and_kv_in_it(tiny_bundles, tmp_path) -> None:
+    from core_server.app import load_engine
+    from core_server.engine import EngineStep
+
+    _, _, core = tiny_bundles["qwen3"]
+    settings = load_settings(environ={"VEIL_HOME": str(tmp_path), "VEIL_CORE_BUNDLE": str(core),
+                                      "VEIL_CORE_DTYPE": "bfloat16", "VEIL_CORE_DEVICE": "cpu",
+                                      "VEIL_CORE_KV_BUDGET_BYTES": str(64 << 20)})
+    engine, sessions, _ = load_engine(settings)
+    assert engine.dtype == torch.bfloat16 and sessions == settings.core.max_sessions
+    state = engine.new_session(64)
+    x = torch.randn(5, engine.spec.hidden_size)
+    (rows,) = engine.run([EngineStep(x, state.begin(0, 5), [-1])])
+    assert rows.dtype == torch.float32 and rows.shape == (1, engine.spec.hidden_size)
+    assert state.parts[0].dtype == torch.bfloat16 and state.length == 5
