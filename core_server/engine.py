@@ -16,7 +16,7 @@ import torch
 
 from veil.bundle import CoreSpec
 from veil.model.decoder import DecoderStack
-from veil.model.kv import Positions, Segment, Session
+from veil.model.kv import KVPool, Positions, Segment, Session
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -54,16 +54,21 @@ def kv_bytes_per_token(spec: CoreSpec, dtype: torch.dtype) -> int:
 
 
 class NativeEngine:
-    """Veil's own stack: projections and MLPs over the whole batch, attention per session's KV cache."""
+    """Veil's own stack over a KV pool made at start: projections and MLPs over the whole batch, the decode
+    rows' attention in one call per layer, a prefill's attention per session."""
 
     name = "native"
 
-    def __init__(self, stack: DecoderStack):
+    def __init__(self, stack: DecoderStack, sessions: int, limit: int):
         self.stack, self.spec, self.device, self.dtype = stack, stack.spec, stack.device, stack.dtype
+        spec = stack.spec
+        self.pool = KVPool(sessions, spec.num_layers, spec.num_kv_heads, spec.head_dim, limit=limit,
+                           dtype=stack.dtype, device=stack.device)
         self.rows_computed = 0
 
     def new_session(self, limit: int) -> Session:
-        return self.stack.new_session(limit)
+        assert limit == self.pool.limit, "the pool's slots hold the core's token limit"
+        return self.pool.session()
 
     def run(self, steps: Sequence[EngineStep]) -> list[torch.Tensor]:
         x = torch.cat([s.hidden for s in steps])

@@ -53,9 +53,9 @@ def test_a_core_configured_for_bfloat16_runs_its_stack_and_kv_in_it(tiny_bundles
     settings = load_settings(environ={"VEIL_HOME": str(tmp_path), "VEIL_CORE_BUNDLE": str(core),
                                       "VEIL_CORE_DTYPE": "bfloat16", "VEIL_CORE_DEVICE": "cpu",
                                       "VEIL_CORE_KV_BUDGET_BYTES": str(64 << 20)})
-    engine, sessions, _ = load_engine(settings)
+    engine, sessions, max_tokens = load_engine(settings)
     assert engine.dtype == torch.bfloat16 and sessions == settings.core.max_sessions
-    state = engine.new_session(64)
+    state = engine.new_session(max_tokens)
     x = torch.randn(5, engine.spec.hidden_size)
     (rows,) = engine.run([EngineStep(x, state.begin(0, 5), [-1])])
     assert rows.dtype == torch.float32 and rows.shape == (1, engine.spec.hidden_size)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from veil.bundle import CORE_SPEC, CORE_WEIGHTS, CoreSpec, load_tensors, read_core_spec
 from veil.errors import BundleError
-from veil.model.kv import Segment, Session
+from veil.model.kv import KVPool, PooledSession, Segment, Session
 from veil.model.linear import Linear
 
 
@@ -143,6 +143,16 @@ class DecoderStack:
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         return out.view(s.num_kv_heads, g, n, hd).permute(2, 0, 1, 3).reshape(n, s.num_heads * hd)
 
+    def _write_and_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, li: int, seg: Segment,
+                          start: int, window: int | None) -> torch.Tensor:
+        """One segment: write its keys and values into its cache, attend over it -> [n, H * hd]."""
+        rows = slice(start, start + seg.n)
+        span = slice(seg.offset, seg.end)
+        kv = _cache(seg)
+        kv.k[li, :, span] = k[rows].transpose(0, 1)
+        kv.v[li, :, span] = v[rows].transpose(0, 1)
+        return self._attend(q[rows], li, seg, window)
+
     def step(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
         """x [N, d] rotated inputs, the segments' rows in order -> [N, d] rotated residual stream after the
         last block; each session then holds its segment (a failed forward commits nothing)."""
@@ -164,6 +174,7 @@ class DecoderStack:
         positions = torch.cat([torch.arange(seg.offset, seg.end, device=self.device) for seg in segments])
         cos, sin = self.rope(positions)
         hd, eps = s.head_dim, s.rms_norm_eps
+        pooled = PooledDecode.of(segments, starts, self)
         for li, layer in enumerate(self.layers):
             h = F.rms_norm(x, (s.hidden_size,), eps=eps)
             qkv = layer.qkv(h)
@@ -175,17 +186,86 @@ class DecoderStack:
                 k = F.rms_norm(k, (hd,), layer.k_norm, eps)
             q = q * cos + self.rotate_half(q) * sin
             k = k * cos + self.rotate_half(k) * sin
-            outs = []
-            for seg, start in zip(segments, starts):
-                rows = slice(start, start + seg.n)
-                span = slice(seg.offset, seg.end)
-                kv = _cache(seg)
-                kv.k[li, :, span] = k[rows].transpose(0, 1)
-                kv.v[li, :, span] = v[rows].transpose(0, 1)
-                outs.append(self._attend(q[rows], li, seg, layer.window))
-            attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+            if pooled is None:
+                outs = [self._write_and_attend(q, k, v, li, seg, start, layer.window)
+                        for seg, start in zip(segments, starts)]
+                attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+            else:  # the pool's decode rows in one call; any other segment on its own
+                attn = torch.empty((x.shape[0], s.num_heads * hd), dtype=self.dtype, device=self.device)
+                attn[pooled.rows] = pooled.attend(q, k, v, li, layer.window)
+                for i in pooled.others:
+                    seg, start = segments[i], starts[i]
+                    attn[start : start + seg.n] = self._write_and_attend(q, k, v, li, seg, start, layer.window)
             x = x + layer.o(attn)
             h = F.rms_norm(x, (s.hidden_size,), eps=eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         return x
+
+
+class PooledDecode:
+    """The decode rows (one new position each) of sessions in one KVPool, attended in one call per layer.
+
+    Their slots lie in the range [lo, hi); keys and values are read as views of that range up to the longest
+    session (padding masked), queries of slots outside the batch are zero and their outputs dropped. The
+    masks are built once per batch, not per layer."""
+
+    MIN_ROWS = 2  # one decode row gains nothing from the padded call
+
+    def __init__(self, stack: DecoderStack, pool: KVPool, segments: list[Segment], rows: list[int],
+                 others: list[int]):
+        self.stack, self.pool, self.others = stack, pool, others
+        device = stack.device
+        self.rows = torch.tensor(rows, device=device)
+        slots = [seg.session.slot for seg in segments]  # type: ignore[attr-defined]
+        self.lo, self.hi = min(slots), max(slots) + 1
+        self.slots = torch.tensor(slots, device=device)
+        self.local = self.slots - self.lo
+        self.pos = torch.tensor([seg.offset for seg in segments], device=device)
+        self.ends = self.pos + 1
+        self.tmax = max(seg.end for seg in segments)
+        self._masks: dict[int | None, torch.Tensor] = {}
+        # Masked keys get weight 0, but 0 x NaN is NaN: a slot's never-written memory past a session's end (up to
+        # the longest session's) must hold finite values. Once per batch, for every layer at once.
+        for seg, slot in zip(segments, slots):
+            if seg.end < self.tmax:
+                pool.k[:, slot, :, seg.end : self.tmax] = 0
+                pool.v[:, slot, :, seg.end : self.tmax] = 0
+
+    @classmethod
+    def of(cls, segments: Sequence[Segment], starts: list[int], stack: DecoderStack) -> PooledDecode | None:
+        decode = [i for i, seg in enumerate(segments) if seg.n == 1 and isinstance(seg.session, PooledSession)]
+        pools = {id(segments[i].session.pool) for i in decode}  # type: ignore[attr-defined]
+        if len(decode) < cls.MIN_ROWS or len(pools) != 1:
+            return None
+        others = [i for i in range(len(segments)) if i not in set(decode)]
+        pool = segments[decode[0]].session.pool  # type: ignore[attr-defined]
+        return cls(stack, pool, [segments[i] for i in decode], [starts[i] for i in decode], others)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[R, 1, 1, tmax] True where a batch row's query sees a key; rows of slots outside the batch see
+        key 0 only (their output is dropped, and a row that sees nothing would be NaN)."""
+        if window not in self._masks:
+            r = self.hi - self.lo
+            keys = torch.arange(self.tmax, device=self.stack.device)[None, :]
+            seen = keys < self.ends[:, None]
+            if window is not None:
+                seen &= keys > self.pos[:, None] - window
+            mask = torch.zeros((r, self.tmax), dtype=torch.bool, device=self.stack.device)
+            mask[:, 0] = True
+            mask[self.local] = seen
+            self._masks[window] = mask[:, None, None, :]
+        return self._masks[window]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, li: int, window: int | None) -> torch.Tensor:
+        """Write the rows' keys and values into their slots, attend -> [B, H * hd]."""
+        s = self.stack.spec
+        b, g, hd = self.rows.shape[0], self.stack.groups, s.head_dim
+        self.pool.k[li, self.slots, :, self.pos] = k[self.rows]
+        self.pool.v[li, self.slots, :, self.pos] = v[self.rows]
+        queries = torch.zeros((self.hi - self.lo, s.num_kv_heads, g, hd), dtype=q.dtype, device=q.device)
+        queries[self.local] = q[self.rows].view(b, s.num_kv_heads, g, hd)
+        keys = self.pool.k[li, self.lo : self.hi, :, : self.tmax]  # views: no copy of anyone's cache
+        values = self.pool.v[li, self.lo : self.hi, :, : self.tmax]
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask(window))
+        return out[self.local].reshape(b, s.num_heads * hd)

@@ -11,10 +11,13 @@ as vLLM with prefix caching). Both grow by doubling up to their limit.
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import threading
+import weakref
 
 import torch
 
-from veil.errors import Conflict, PayloadTooLarge
+from veil.errors import Conflict, PayloadTooLarge, RateLimited
 
 MIN_CAPACITY = 256  # positions allocated at first use; growth doubles from here up to the limit
 
@@ -145,3 +148,51 @@ class Rows(Positions):
 
     def _set_parts(self, parts: tuple[torch.Tensor, ...]) -> None:
         (self.rows,) = parts
+
+
+class KVPool:
+    """Every session's KV cache in two tensors made once, at start, from the configured limits:
+    [layers, slots, kv_heads, limit, head_dim]. A session holds one slot (the lowest free one, so that the
+    live sessions stay close together and a batch of decode rows reads one contiguous range of slots); its
+    slot is free again once nothing refers to the session. On a CPU the memory is only committed as slots
+    are written; on a GPU it is reserved whole, so the plan is checked where it matters."""
+
+    def __init__(self, slots: int, layers: int, kv_heads: int, head_dim: int, *, limit: int, dtype: torch.dtype,
+                 device: torch.device):
+        assert slots >= 1 and limit >= 1
+        self.slots, self.limit = slots, limit
+        self.k = torch.empty((layers, slots, kv_heads, limit, head_dim), dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self._free = list(range(slots))  # a heap: the lowest free slot first
+        self._freed = threading.Condition()
+
+    def session(self, wait: float = 5.0) -> PooledSession:
+        """A free slot; the sessions admitted never outnumber the slots, but a session on its way to the locker
+        keeps its slot until its snapshot is sealed, so wait a little for that before refusing."""
+        with self._freed:
+            if not self._freed.wait_for(lambda: bool(self._free), timeout=wait):
+                raise RateLimited(f"the core's KV pool has no free slot (it holds {self.slots} sessions)",
+                                  code="kv_pool_full", headers={"retry-after": "1"})
+            slot = heapq.heappop(self._free)
+        return PooledSession(self, slot)
+
+    def in_use(self) -> int:
+        with self._freed:
+            return self.slots - len(self._free)
+
+    def _release(self, slot: int) -> None:
+        with self._freed:
+            heapq.heappush(self._free, slot)
+            self._freed.notify()
+
+
+class PooledSession(Session):
+    """A session whose KV cache is one slot of a KVPool: views of the pool, never regrown."""
+
+    __slots__ = ("pool", "slot", "__weakref__")
+
+    def __init__(self, pool: KVPool, slot: int):
+        Positions.__init__(self, pool.limit)
+        self.pool, self.slot = pool, slot
+        self.k, self.v = pool.k[:, slot], pool.v[:, slot]  # [layers, kv_heads, limit, head_dim]
+        weakref.finalize(self, pool._release, slot)
