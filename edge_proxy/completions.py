@@ -9,28 +9,22 @@ itself, so ids it would not produce from that text could not be kept.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, Callable
 
 from edge_proxy import openai_shapes as shapes
-from edge_proxy.gatekeeper import Admission, Gatekeeper
 from edge_proxy.generation import Generation
 from edge_proxy.logprobs import TokenLogprob, completion_logprobs
-from edge_proxy.metrics import EdgeMetrics
-from edge_proxy.sampling import SamplingParams
 from edge_proxy.schemas import (
     MAX_N,
     ChatRequest,
     int_param,
     invalid_value,
     load_object,
-    logit_bias_param,
-    number_param,
+    sampling_param,
     stop_param,
+    stream_param,
 )
 from veil.errors import InvalidRequest
-
-log = logging.getLogger("veil.edge")
 
 MAX_PROMPTS = 16  # prompts per request: generated one after another on the request's core session
 MAX_LOGPROBS = 5  # the legacy endpoint's limit on alternatives per token
@@ -61,31 +55,6 @@ def _choices(body: dict[str, Any]) -> int:
     if best_of is not None and best_of != n:
         raise _unsupported("'best_of' other than 'n' is not supported", "best_of")
     return n
-
-
-def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
-    """(stream, include_usage)."""
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise invalid_value("'stream' must be a boolean", "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise invalid_value("'stream_options' must be an object", "stream_options")
-    if options and not stream:
-        raise invalid_value("'stream_options' is only allowed when 'stream' is true", "stream_options")
-    return stream, bool((options or {}).get("include_usage", False))
-
-
-def _sampling(body: dict[str, Any], vocab_size: int) -> SamplingParams:
-    seed = int_param(body, "seed", -(2**63), 2**63 - 1)
-    return SamplingParams(
-        temperature=number_param(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=number_param(body, "top_p", 1.0, 0.0, 1.0),
-        seed=None if seed is None else seed % (2**63),
-        presence_penalty=number_param(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=number_param(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        logit_bias=logit_bias_param(body, vocab_size),
-    )
 
 
 def _is_ids(value: Any) -> bool:
@@ -137,9 +106,9 @@ def parse_completion_request(raw: bytes, vocab_size: int, tokenizer: Any) -> Com
     echo = body.get("echo") or False
     if not isinstance(echo, bool):
         raise invalid_value("'echo' must be a boolean", "echo")
-    stream, include_usage = _stream(body)
+    stream, include_usage = stream_param(body)
     max_tokens = int_param(body, "max_tokens", 1)
-    chat = ChatRequest(model=model, messages=[], sampling=_sampling(body, vocab_size), stream=stream,
+    chat = ChatRequest(model=model, messages=[], sampling=sampling_param(body, vocab_size), stream=stream,
                        include_usage=include_usage, stop=stop_param(body),
                        max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, n=_choices(body),
                        logprobs=int_param(body, "logprobs", 0, MAX_LOGPROBS))
@@ -186,14 +155,8 @@ class CompletionChoice:
         return {"index": self.index, "text": prompt + self.text, "logprobs": tail, "finish_reason": self.gen.finish_reason}
 
 
-def usage(groups: list[list[Generation]]) -> dict[str, int]:
-    """Each prompt counts once, however many choices were generated from it."""
-    each = [shapes.usage(gens) for gens in groups]
-    return {k: sum(u[k] for u in each) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-
-
 def completion_object(ids: shapes.ChatIds, choices: list[dict[str, Any]], groups: list[list[Generation]]) -> dict[str, Any]:
-    return {**ids.base("text_completion"), "choices": choices, "usage": usage(groups)}
+    return {**ids.base("text_completion"), "choices": choices, "usage": shapes.group_usage(groups)}
 
 
 def chunk(ids: shapes.ChatIds, index: int, text: str, logprobs: dict[str, Any] | None, finish_reason: str | None,
@@ -206,29 +169,4 @@ def chunk(ids: shapes.ChatIds, index: int, text: str, logprobs: dict[str, Any] |
 
 
 def usage_chunk(ids: shapes.ChatIds, groups: list[list[Generation]]) -> dict[str, Any]:
-    return {**ids.base("text_completion"), "choices": [], "usage": usage(groups)}
-
-
-async def settle(gate: Gatekeeper, metrics: EdgeMetrics, admission: Admission, groups: list[list[Generation]],
-                 status: str, route: str, stream: bool) -> None:
-    """Release the admission at the tokens really used, then count and log the request; once, however it ended."""
-    if admission.released:
-        return
-    used, gens, m = usage(groups), [g for gens in groups for g in gens], metrics
-    await gate.release(admission, used["total_tokens"])
-    for g in gens:
-        if g.blocked_rule is not None:
-            gate.blocked(admission.principal, g.blocked_rule, g.request_id, "output")
-        if g.restorer is not None:
-            m.placeholders.labels(outcome="restored").inc(g.restorer.restored)
-            m.placeholders.labels(outcome="mangled").inc(g.restorer.mangled)
-    m.requests.labels(status=status).inc()
-    m.prompt_tokens.inc(used["prompt_tokens"])
-    m.completion_tokens.inc(used["completion_tokens"])
-    ttft, elapsed = gens[0].ttft_seconds(), max(g.elapsed_seconds() for g in gens)
-    if ttft is not None:
-        m.ttft.observe(ttft)
-    log.info("%s rid=%s status=%s stream=%s prompt_tokens=%d completion_tokens=%d finish=%s ttft_ms=%.1f "
-             "total_ms=%.1f", route, gens[0].request_id, status, stream, used["prompt_tokens"],
-             used["completion_tokens"], gens[0].finish_reason, (ttft if ttft is not None else elapsed) * 1000,
-             elapsed * 1000)
+    return {**ids.base("text_completion"), "choices": [], "usage": shapes.group_usage(groups)}

@@ -36,7 +36,7 @@ from edge_proxy.openapi_chat import (
     SSE_EVENT,
 )
 from edge_proxy.prepare import prepare
-from edge_proxy.respond import _prepend
+from edge_proxy.respond import prepend, settle
 from edge_proxy.routing import EdgeState, admitted, check_model
 from edge_proxy.schemas import MAX_N
 from veil.errors import VeilError
@@ -68,7 +68,7 @@ class CompletionResponder:
                     await events.aclose()  # type: ignore[attr-defined]
 
     async def _settle(self, status: str) -> None:
-        await legacy.settle(self.state.gate, self.state.metrics, self.admission, self.groups, status, "completions",
+        await settle(self.state.gate, self.state.metrics, self.admission, self.groups, status, "completions",
                             self.req.chat.stream)
 
     async def _json(self) -> Response[Any]:
@@ -93,7 +93,7 @@ class CompletionResponder:
         # generator's `finally` runs even if the stream is never sent (it is closed when dropped).
         events = self._sse()
         head = await anext(events)
-        return Stream(_prepend(head, events), media_type="text/event-stream", headers={**self.headers, **sse.HEADERS})
+        return Stream(prepend(head, events), media_type="text/event-stream", headers={**self.headers, **sse.HEADERS})
 
     def _chunk(self, index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None = None) -> bytes:
         return sse.event(legacy.chunk(self.ids, index, text, logprobs, finish, self.req.chat.include_usage))

@@ -27,6 +27,12 @@ def usage(gens: list[Generation]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def group_usage(groups: list[list[Generation]]) -> dict[str, int]:
+    """Usage of several prompts (legacy completions take a list): each prompt counts once, with all its choices."""
+    each = [usage(gens) for gens in groups]
+    return {k: sum(u[k] for u in each) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+
 def completion_object(ids: ChatIds, choices: list[dict[str, Any]], gens: list[Generation]) -> dict[str, Any]:
     return {**ids.base("chat.completion"), "choices": choices, "usage": usage(gens)}
 

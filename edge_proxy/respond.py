@@ -1,6 +1,6 @@
 """Run a prepared Generation and answer it: one chat.completion object, or an SSE stream of chunks.
 
-Whatever way a request ends (done, refused by the core, client gone), `_settle` runs once: the
+Whatever way a request ends (done, refused by the core, client gone), `settle` runs once: the
 admission is released (its core session freed, its tokens corrected to the real usage), metrics and the
 log line written.
 """
@@ -35,7 +35,6 @@ class ChatResponder:
         token_bytes = engine.model.grammars.token_bytes
         self.replies = [ChoiceReply(i, g, chat.tools, token_bytes) for i, g in enumerate(gens)]
         self.events = engine.run_choices(gens)
-        self._settled = False
 
     async def respond(self) -> Response[Any]:
         return await (self._stream() if self.chat.stream else self._json())
@@ -71,7 +70,7 @@ class ChatResponder:
         # sent (it is closed when dropped), so the admission is released whatever happens to the response.
         events = self._sse(first)
         head = await anext(events)
-        return Stream(_prepend(head, events), media_type="text/event-stream", headers={**self.headers, **sse.HEADERS})
+        return Stream(prepend(head, events), media_type="text/event-stream", headers={**self.headers, **sse.HEADERS})
 
     def _chunk(self, index: int, delta: dict[str, Any], finish_reason: str | None = None,
                logprobs: dict[str, Any] | None = None) -> bytes:
@@ -86,7 +85,7 @@ class ChatResponder:
         status, started = "200", -1
         try:
             pending = [] if first is None else [first]
-            async for event in _chain(pending, self.events):
+            async for event in chain(pending, self.events):
                 index, text = event
                 reply = self.replies[index]
                 if index != started:  # each choice opens with its role
@@ -114,41 +113,44 @@ class ChatResponder:
         yield sse.DONE
 
     async def _settle(self, status: str) -> None:
-        if self._settled:
-            return
-        self._settled = True
-        gen, m = self.gens[0], self.metrics
-        used = shapes.usage(self.gens)
-        await self.gate.release(self.admission, used["total_tokens"])
-        for g in self.gens:
-            if g.blocked_rule is not None:
-                self.gate.blocked(self.principal, g.blocked_rule, g.request_id, "output")
-            if g.restorer is not None:
-                m.placeholders.labels(outcome="restored").inc(g.restorer.restored)
-                m.placeholders.labels(outcome="mangled").inc(g.restorer.mangled)
-        m.requests.labels(status=status).inc()
-        m.prompt_tokens.inc(used["prompt_tokens"])
-        m.completion_tokens.inc(used["completion_tokens"])
-        ttft, elapsed = gen.ttft_seconds(), max(g.elapsed_seconds() for g in self.gens)
-        if ttft is not None:
-            m.ttft.observe(ttft)
-        log.info("chat rid=%s status=%s stream=%s prompt_tokens=%d completion_tokens=%d finish=%s "
-                 "ttft_ms=%.1f total_ms=%.1f", gen.request_id, status, self.chat.stream, used["prompt_tokens"],
-                 used["completion_tokens"], gen.finish_reason, (ttft if ttft is not None else elapsed) * 1000,
-                 elapsed * 1000)
+        await settle(self.gate, self.metrics, self.admission, [self.gens], status, "chat", self.chat.stream)
 
-
-async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
     for item in first:
         yield item
     async for item in rest:
         yield item
 
 
-async def _prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     yield head
     try:
         async for chunk in rest:
             yield chunk
     finally:
         await rest.aclose()  # type: ignore[attr-defined]
+
+
+async def settle(gate: Gatekeeper, metrics: EdgeMetrics, admission: Admission, groups: list[list[Generation]],
+                 status: str, route: str, stream: bool) -> None:
+    """Release the admission at the tokens really used, then count and log the request; once, however it ended."""
+    if admission.released:
+        return
+    used, gens, m = shapes.group_usage(groups), [g for gens in groups for g in gens], metrics
+    await gate.release(admission, used["total_tokens"])
+    for g in gens:
+        if g.blocked_rule is not None:
+            gate.blocked(admission.principal, g.blocked_rule, g.request_id, "output")
+        if g.restorer is not None:
+            m.placeholders.labels(outcome="restored").inc(g.restorer.restored)
+            m.placeholders.labels(outcome="mangled").inc(g.restorer.mangled)
+    m.requests.labels(status=status).inc()
+    m.prompt_tokens.inc(used["prompt_tokens"])
+    m.completion_tokens.inc(used["completion_tokens"])
+    ttft, elapsed = gens[0].ttft_seconds(), max(g.elapsed_seconds() for g in gens)
+    if ttft is not None:
+        m.ttft.observe(ttft)
+    log.info("%s rid=%s status=%s stream=%s prompt_tokens=%d completion_tokens=%d finish=%s ttft_ms=%.1f "
+             "total_ms=%.1f", route, gens[0].request_id, status, stream, used["prompt_tokens"],
+             used["completion_tokens"], gens[0].finish_reason, (ttft if ttft is not None else elapsed) * 1000,
+             elapsed * 1000)

@@ -22,7 +22,7 @@ from edge_proxy import responses as shape
 from edge_proxy.gatekeeper import Admission
 from edge_proxy.openapi_chat import _INT_OR_NULL, CHAT_ERRORS, _bounded
 from edge_proxy.prepare import prepare
-from edge_proxy.respond import ChatResponder, _chain
+from edge_proxy.respond import ChatResponder, chain
 from edge_proxy.routing import EdgeState, admitted, check_model
 from edge_proxy.schemas import MAX_CONTENT_PARTS, MAX_MESSAGES
 from veil.errors import VeilError
@@ -156,7 +156,7 @@ class ResponsesResponder(ChatResponder):
         try:
             for event in events.start():
                 yield event
-            async for _, text in _chain([] if first is None else [first], self.events):
+            async for _, text in chain([] if first is None else [first], self.events):
                 for event in events.deltas(reply.feed(text) if text is not None else reply.finish()):
                     yield event
             for event in events.finish(reply, self.gens):

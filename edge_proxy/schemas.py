@@ -202,6 +202,32 @@ def load_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def stream_param(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage) of any generation request."""
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be a boolean", "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _bad("'stream_options' must be an object", "stream_options")
+    if options and not stream:
+        raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    return stream, bool((options or {}).get("include_usage", False))
+
+
+def sampling_param(body: dict[str, Any], vocab_size: int) -> SamplingParams:
+    """The sampling fields chat and legacy completions share."""
+    seed = _int(body, "seed", -(2**63), 2**63 - 1)
+    return SamplingParams(
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        seed=None if seed is None else seed % (2**63),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        logit_bias=_logit_bias(body, vocab_size),
+    )
+
+
 def parse_chat_request(raw: bytes, vocab_size: int) -> ChatRequest:
     body = load_object(raw)
     model = body.get("model")
@@ -217,32 +243,16 @@ def parse_chat_request(raw: bytes, vocab_size: int) -> ChatRequest:
     top = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top is not None and not logprobs:
         raise _bad("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise _bad("'stream' must be a boolean", "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise _bad("'stream_options' must be an object", "stream_options")
-    if options and not stream:
-        raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    stream, include_usage = stream_param(body)
     max_tokens = _int(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", 1)
-    seed = _int(body, "seed", -(2**63), 2**63 - 1)
-    sampling = SamplingParams(
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-        seed=None if seed is None else seed % (2**63),
-        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        logit_bias=_logit_bias(body, vocab_size),
-    )
     return ChatRequest(
         model=model,
         messages=_messages(body),
-        sampling=sampling,
+        sampling=sampling_param(body, vocab_size),
         stream=stream,
-        include_usage=bool((options or {}).get("include_usage", False)),
+        include_usage=include_usage,
         stop=_stop(body),
         max_tokens=max_tokens,
         n=n,
@@ -257,4 +267,3 @@ invalid_value = _bad
 number_param = _number
 int_param = _int
 stop_param = _stop
-logit_bias_param = _logit_bias
