@@ -44,8 +44,6 @@ class CoreEngine(Protocol):
         each session then holds its segment. A failure raises and commits nothing."""
         ...
 
-    def close(self) -> None:
-        ...
 
 
 def kv_bytes_per_token(spec: CoreSpec, dtype: torch.dtype) -> int:
@@ -84,6 +82,3 @@ class NativeEngine:
             start += s.segment.n
         picked = out.index_select(0, torch.tensor(rows, device=out.device)).to("cpu", torch.float32)
         return list(picked.split(counts))
-
-    def close(self) -> None:
-        pass

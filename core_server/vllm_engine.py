@@ -149,6 +149,3 @@ class VllmEngine:
         for step in steps:
             step.segment.session.commit(step.segment)
         return results
-
-    def close(self) -> None:
-        self.llm = None

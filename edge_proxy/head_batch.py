@@ -53,13 +53,8 @@ class HeadBatcher:
                 continue
             try:
                 results = await asyncio.to_thread(self._tick, batch)
-            except BaseException as exc:  # the GEMM itself failed: every row of this tick fails with it
-                for w in batch:
-                    if not w.future.done():
-                        w.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
-                if not isinstance(exc, Exception):
-                    raise
-                continue
+            except Exception as exc:  # the GEMM itself failed: every row of this tick fails with it
+                results = [(False, exc)] * len(batch)
             for w, (ok, value) in zip(batch, results):
                 if w.future.done():
                     continue

@@ -225,6 +225,9 @@ class PooledDecode:
         self.ends = self.pos + 1
         self.tmax = max(seg.end for seg in segments)
         self._masks: dict[int | None, torch.Tensor] = {}
+        spec = stack.spec  # one query buffer for every layer: the rows of slots outside the batch stay zero
+        self.queries = torch.zeros((self.hi - self.lo, spec.num_kv_heads, stack.groups, spec.head_dim),
+                                   dtype=stack.dtype, device=device)
         # Masked keys get weight 0, but 0 x NaN is NaN: a slot's never-written memory past a session's end (up to
         # the longest session's) must hold finite values. Once per batch, for every layer at once.
         for seg, slot in zip(segments, slots):
@@ -238,7 +241,8 @@ class PooledDecode:
         pools = {id(segments[i].session.pool) for i in decode}  # type: ignore[attr-defined]
         if len(decode) < cls.MIN_ROWS or len(pools) != 1:
             return None
-        others = [i for i in range(len(segments)) if i not in set(decode)]
+        chosen = set(decode)
+        others = [i for i in range(len(segments)) if i not in chosen]
         pool = segments[decode[0]].session.pool  # type: ignore[attr-defined]
         return cls(stack, pool, [segments[i] for i in decode], [starts[i] for i in decode], others)
 
@@ -263,7 +267,7 @@ class PooledDecode:
         b, g, hd = self.rows.shape[0], self.stack.groups, s.head_dim
         self.pool.k[li, self.slots, :, self.pos] = k[self.rows]
         self.pool.v[li, self.slots, :, self.pos] = v[self.rows]
-        queries = torch.zeros((self.hi - self.lo, s.num_kv_heads, g, hd), dtype=q.dtype, device=q.device)
+        queries = self.queries
         queries[self.local] = q[self.rows].view(b, s.num_kv_heads, g, hd)
         keys = self.pool.k[li, self.lo : self.hi, :, : self.tmax]  # views: no copy of anyone's cache
         values = self.pool.v[li, self.lo : self.hi, :, : self.tmax]
