@@ -45,7 +45,6 @@ class CoreEngine(Protocol):
         ...
 
 
-
 def kv_bytes_per_token(spec: CoreSpec, dtype: torch.dtype) -> int:
     """KV cache bytes one position of one session takes over all layers."""
     return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * torch.empty((), dtype=dtype).element_size()
