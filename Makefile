@@ -52,6 +52,7 @@ lint: install
 test: install core-vllm lint
 	bash scripts/ensure_redis.sh
 	bash scripts/install_helm_tools.sh
+	bash scripts/install_browser.sh
 	$(PY) -m pytest -q -ra
 
 test-fast: install

@@ -18,6 +18,7 @@ from admin.audit import AuditLog
 from admin.auth import Authenticator, require
 from admin.policy import LIMITS, PolicyService
 from admin.principal import Principal, Scope
+from admin.usage import UsageLedger, parse_since, totals
 from veil.errors import AuthenticationFailed, InvalidRequest, PermissionDenied, ServiceUnavailable
 from veil.openapi import AUTHENTICATED, WITH_BODY, WITH_PATH, documented
 
@@ -26,6 +27,7 @@ class AdminState(Protocol):
     auth: Authenticator
     policy: PolicyService
     audit: AuditLog | None
+    usage: UsageLedger
 
 
 _BAD_QUERY = {400: "an invalid query parameter"}
@@ -41,6 +43,11 @@ class KeyCreate:
     expires_in_s: int | None = None  # seconds from now
     noise_rho: float | None = None  # embedding noise for this key (privacy defense); null = deployment default
     max_concurrent: int | None = None  # concurrent generations; null = the deployment's edge.max_concurrent_per_key
+
+
+@dataclasses.dataclass
+class NoiseChange:
+    noise_rho: float | None  # null = the deployment's default
 
 
 @dataclasses.dataclass
@@ -66,12 +73,14 @@ async def _caller(request: Request, scope: Scope) -> Principal:
     try:
         principal = await state.auth.authenticate(request.headers)
     except AuthenticationFailed as exc:
+        state.usage.count(state.auth.claimed(request.headers), refused_401=1)
         if state.audit is not None:
             state.audit.record("auth.failure", request_id=_rid(request), reason=str(exc.code), path=request.url.path)
         raise
     try:
         require(principal, scope)
     except PermissionDenied:
+        state.usage.count(principal.key_id, refused_403=1)
         _audit(request, "auth.denied", principal, scope=scope.value, path=request.url.path)
         raise
     return principal
@@ -137,7 +146,17 @@ async def set_limits(request: Request, key_id: str, data: dict[str, Any]) -> dic
     return record
 
 
-@get("/guardrails", operation_class=documented(AUTHENTICATED), summary="List guardrail rules")
+@patch("/keys/{key_id:str}/noise", operation_class=documented(AUTHENTICATED, WITH_BODY, WITH_PATH),
+       summary="Change a key's embedding noise (noise_rho); null = the deployment's default")
+async def set_noise(request: Request, key_id: str, data: NoiseChange) -> dict[str, Any]:
+    who = await _caller(request, Scope.ADMIN)
+    record = request.app.state.policy.set_noise(key_id, data.noise_rho)
+    _audit(request, "key.noise", who, key_id=key_id, noise_rho=data.noise_rho)
+    return record
+
+
+@get("/guardrails", operation_class=documented(AUTHENTICATED),
+     summary="List guardrail rules (their terms and patterns are never shown back)")
 async def list_guardrails(request: Request) -> dict[str, Any]:
     await _caller(request, Scope.ADMIN)
     return {"object": "list", "data": request.app.state.policy.list_guardrails()}
@@ -180,6 +199,19 @@ async def audit_verify(request: Request) -> dict[str, Any]:
     return dataclasses.asdict(await anyio.to_thread.run_sync(_audit_log(request).verify))
 
 
+def _since(since: str | None) -> Any:
+    return parse_since(since or "7d")
+
+
+@get("/usage", operation_class=documented(AUTHENTICATED, _BAD_QUERY),
+     summary="Usage per key and per UTC day: requests, tokens, refusals, protected spans")
+async def usage(request: Request, key_id: str | None = None, since: str | None = None) -> dict[str, Any]:
+    await _caller(request, Scope.ADMIN)
+    first = _since(since)
+    rows = await request.app.state.usage.rows(key_id, first)
+    return {"object": "list", "since": first.isoformat(), "data": rows, "total": totals(rows)}
+
+
 @get("/policy/export", operation_class=documented(AUTHENTICATED), summary="The whole policy (keys as hashes) for backup")
 async def policy_export(request: Request) -> dict[str, Any]:
     who = await _caller(request, Scope.ADMIN)
@@ -196,17 +228,21 @@ async def policy_import(request: Request, data: dict[str, Any]) -> dict[str, Any
     return {"version": version}
 
 
-@get("/v1/me", operation_class=documented(AUTHENTICATED), summary="The calling key's id, scopes and limits")
-async def whoami(request: Request) -> dict[str, Any]:
+@get("/v1/me", operation_class=documented(AUTHENTICATED, _BAD_QUERY),
+     summary="The calling key's id, scopes, limits and usage per UTC day (since: '7d' by default)")
+async def whoami(request: Request, since: str | None = None) -> dict[str, Any]:
     who = await _caller(request, Scope.READ)
+    first = _since(since)
+    rows = await request.app.state.usage.rows(who.key_id, first)
     return {"key_id": who.key_id, "kind": who.kind, "scopes": sorted(who.scopes), "rpm": who.rpm, "tpm": who.tpm,
-            "max_concurrent": who.max_concurrent, "noise_rho": who.noise_rho}
+            "max_concurrent": who.max_concurrent, "noise_rho": who.noise_rho,
+            "usage": {"since": first.isoformat(), "data": rows, "total": totals(rows)}}
 
 
 admin_router = Router(
     path="/admin/v1",
-    route_handlers=[create_key, list_keys, get_key, revoke_key, rotate_key, set_limits, list_guardrails,
-                    add_guardrail, remove_guardrail, audit_tail, audit_verify, policy_export, policy_import],
+    route_handlers=[create_key, list_keys, get_key, revoke_key, rotate_key, set_limits, set_noise, list_guardrails,
+                    add_guardrail, remove_guardrail, audit_tail, audit_verify, usage, policy_export, policy_import],
     tags=["admin"],
 )
 me_route = whoami

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from admin import keys as apikeys
 from admin.policy import PolicyService
 from admin.principal import Principal, Scope
+from admin.usage import UNKNOWN
 from veil.errors import AuthenticationFailed, PermissionDenied
 
 LOCAL = Principal("local", frozenset(s.value for s in Scope), kind="local")
@@ -45,6 +47,19 @@ class Authenticator:
         if self.jwt is not None and token.count(".") == 2 and not token.startswith("sk-"):
             return await self.jwt.verify(token)
         return self.policy.authenticate(token)
+
+    def claimed(self, headers: Any) -> str:
+        """Whose usage a refused credential counts against: the key it names when that key exists here (a revoked
+        key still in use, a wrong secret for a real id), else 'unknown': a JWT is unverified at this point, and a
+        made-up id must not create usage rows."""
+        try:
+            token = bearer_token(headers)
+        except AuthenticationFailed:
+            return UNKNOWN
+        if token is None or not token.startswith(apikeys.PREFIX):
+            return UNKNOWN
+        key_id = apikeys.key_id_of(token)
+        return key_id if self.policy.has_key(key_id) else UNKNOWN
 
 
 def require(principal: Principal, scope: Scope) -> None:

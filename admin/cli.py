@@ -36,7 +36,7 @@ def _rule_matcher(rule: dict[str, Any]) -> str:
     """What a rule matches, without echoing its terms or pattern (they may be the sensitive values)."""
     if rule.get("entities"):
         return "entities " + ",".join(rule["entities"])
-    what = "pattern" if rule["pattern"] else f"{len(rule['terms'])} terms"
+    what = "pattern" if rule["has_pattern"] else f"{rule['terms_count']} terms"
     return f"{what} -> <{rule['label']}_n>" if rule.get("action") == "protect" else what
 
 
@@ -98,6 +98,11 @@ def add_parser(sub: Any) -> None:
     policy.add_parser("export").add_argument("--out", help="file to write (default: stdout)")
     policy.add_parser("import").add_argument("file")
 
+    use = groups.add_parser("usage", help="requests, tokens and refusals per key and per UTC day")
+    use.add_argument("--key", default=None, help="one key id (or jwt:<subject>); default: every principal")
+    use.add_argument("--since", default="7d", help="'7d' (the last 7 days, today included) or a date YYYY-MM-DD")
+    use.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+
     groups.add_parser("whoami", help="the key in VEIL_ADMIN_KEY: id, scopes, limits")
 
 
@@ -122,6 +127,24 @@ def _show_key(k: dict[str, Any]) -> str:
     limits = f"rpm={k['rpm'] or '-'} tpm={k['tpm'] or '-'} concurrent={k.get('max_concurrent') or '-'}"
     state = "active" if k["active"] else ("revoked" if k["revoked_at"] else "expired")
     return f"{k['id']}  {k['name']:<20} {','.join(k['scopes']):<22} {limits:<22} {state}"
+
+
+_USAGE_COLUMNS = (("requests", "requests"), ("prompt", "prompt_tokens"), ("completion", "completion_tokens"),
+                  ("401", "refused_401"), ("403", "refused_403"), ("429", "refused_429"),
+                  ("policy", "refused_policy"), ("spans", "protected_spans"))
+
+
+def _usage_table(report: dict[str, Any], names: dict[str, str]) -> str:
+    """One line per day and principal, then the totals; refusals by status, protected spans last."""
+    head = f"{'day':<10}  {'principal':<24} " + " ".join(f"{title:>10}" for title, _ in _USAGE_COLUMNS)
+    lines = [head]
+    for row in report["data"]:
+        who = row["principal"] + (f" ({names[row['principal']]})" if row["principal"] in names else "")
+        lines.append(f"{row['day']:<10}  {who[:24]:<24} " + " ".join(f"{row[c]:>10}" for _, c in _USAGE_COLUMNS))
+    total = report["total"]
+    lines.append(f"{'total':<10}  {'since ' + report['since']:<24} " +
+                 " ".join(f"{total[c]:>10}" for _, c in _USAGE_COLUMNS))
+    return "\n".join(lines)
 
 
 def _policy_init(settings: Settings, force: bool) -> tuple[dict[str, Any], str]:
@@ -207,6 +230,13 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     elif g == "policy" and a == "import":
         out = call("POST", "/admin/v1/policy/import", json.loads(Path(args.file).read_text()))
         text = f"imported; policy is now version {out['version']}"
+    elif g == "usage":
+        from urllib.parse import urlencode
+
+        query = urlencode({"since": args.since, **({"key_id": args.key} if args.key else {})})
+        out = call("GET", f"/admin/v1/usage?{query}")
+        names = {k["id"]: k["name"] for k in call("GET", "/admin/v1/keys")["data"]} if not args.json else {}
+        text = _usage_table(out, names)
     else:  # whoami
         out = call("GET", "/v1/me")
         text = f"{out['key_id']} ({out['kind']}) scopes={','.join(out['scopes'])} rpm={out['rpm']} tpm={out['tpm']}"

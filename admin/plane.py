@@ -10,8 +10,10 @@ from pathlib import Path
 
 from admin.audit import AuditLog
 from admin.auth import Authenticator
+from admin.console.sessions import ConsoleSessions, MemoryConsoleSessions, RedisConsoleSessions
 from admin.policy import MemoryStore, PolicyService
 from admin.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from admin.usage import MemoryUsageStore, RedisUsageStore, SqliteUsageStore, UsageLedger, UsageStore
 from veil.errors import ConfigError
 from veil.settings import Settings
 
@@ -25,8 +27,12 @@ class PolicyPlane:
     limiter: RateLimiter
     audit: AuditLog | None
     bootstrap_secret: str | None  # a freshly minted admin key, to print once; never logged
+    usage: UsageLedger = dataclasses.field(default_factory=lambda: UsageLedger(MemoryUsageStore()))
+    console: ConsoleSessions = dataclasses.field(default_factory=MemoryConsoleSessions)  # the console's sign-ins
 
     async def aclose(self) -> None:
+        await self.usage.aclose()  # the last counts reach the store
+        await self.console.aclose()
         await self.limiter.aclose()
         if self.auth.jwt is not None:
             await self.auth.jwt.aclose()  # type: ignore[attr-defined]
@@ -60,6 +66,22 @@ def _jwt(settings: Settings):
                                    default_tpm=a.jwt_default_tpm or None))
 
 
+def usage_store(settings: Settings) -> UsageStore:
+    """Where usage counts live, by the policy store's rules: Redis when configured, else a file beside the
+    encrypted store, else (one local user, no store) memory."""
+    if settings.redis.url:
+        return RedisUsageStore(settings.redis.url)
+    if settings.policy.passphrase:
+        store = settings.policy_store_path()
+        return SqliteUsageStore(store.with_name(store.stem + ".usage.sqlite"))
+    return MemoryUsageStore()
+
+
+def console_sessions(settings: Settings) -> ConsoleSessions:
+    """Redis when configured, so that edge replicas behind one load balancer share the console's sign-ins."""
+    return RedisConsoleSessions(settings.redis.url) if settings.redis.url else MemoryConsoleSessions()
+
+
 def build_plane(settings: Settings) -> PolicyPlane:
     """Auth on needs the encrypted store; auth off (one local user) may run on an in-process one."""
     if not settings.auth.enabled and not is_loopback(settings.edge.host) \
@@ -84,4 +106,4 @@ def build_plane(settings: Settings) -> PolicyPlane:
     limiter: RateLimiter = (RedisRateLimiter(settings.redis.url, fail_open=settings.redis.fail_open)
                             if settings.redis.url else MemoryRateLimiter())
     return PolicyPlane(Authenticator(settings.auth.enabled, policy, _jwt(settings)), policy, limiter, audit,
-                       bootstrap)
+                       bootstrap, UsageLedger(usage_store(settings)), console_sessions(settings))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import re
 import threading
 import time
@@ -113,6 +114,11 @@ def check_payload(payload: dict[str, Any]) -> None:
     Guardrails(rule_from_dict(r) for r in rules)  # compiles every pattern, as a request would
 
 
+def public_rule(rule: dict[str, Any]) -> dict[str, Any]:
+    shown = {k: v for k, v in rule.items() if k not in ("terms", "pattern")}
+    return {**shown, "terms_count": len(rule.get("terms") or []), "has_pattern": bool(rule.get("pattern"))}
+
+
 LIMITS = ("rpm", "tpm", "max_concurrent")  # what `set_limits` may change on a key
 
 
@@ -153,6 +159,9 @@ class PolicyService:
         _, payload = self.store.current()
         return [apikeys.from_dict(k).public() for k in payload["keys"].values()]
 
+    def has_key(self, key_id: str) -> bool:
+        return key_id in self.store.current()[1]["keys"]
+
     def get_key(self, key_id: str) -> dict[str, Any]:
         return self._key(self.store.current()[1], key_id).public()
 
@@ -163,7 +172,9 @@ class PolicyService:
         return self._compiled[1]
 
     def list_guardrails(self) -> list[dict[str, Any]]:
-        return list(self.store.current()[1]["guardrails"])
+        """The rules as an operator may see them back: a count of terms and whether there is a pattern, never
+        the terms or the pattern themselves (they are often the very values the rule keeps out)."""
+        return [public_rule(r) for r in self.store.current()[1]["guardrails"]]
 
     def authenticate(self, presented: str) -> Principal:
         """The principal of an API key; 401 with a reason (never the key) otherwise."""
@@ -265,6 +276,15 @@ class PolicyService:
             return r.public()
         return self._edit(key_id, change)
 
+    def set_noise(self, key_id: str, noise_rho: float | None) -> dict[str, Any]:
+        """A key's embedding noise; None returns it to the deployment's default."""
+        value = _check_noise(noise_rho)
+
+        def change(r: apikeys.KeyRecord) -> dict[str, Any]:
+            r.noise_rho = value
+            return r.public()
+        return self._edit(key_id, change)
+
     def add_guardrail(self, data: dict[str, Any]) -> dict[str, Any]:
         rule = rule_from_dict(data)
 
@@ -272,7 +292,7 @@ class PolicyService:
             if any(r["id"] == rule.id for r in payload["guardrails"]):
                 raise InvalidRequest(f"a guardrail with id '{rule.id}' exists", param="id")
             payload["guardrails"].append(dataclasses.asdict(rule))
-            return dataclasses.asdict(rule)
+            return public_rule(dataclasses.asdict(rule))
         return self.store.update(mutate)
 
     def import_policy(self, data: Any) -> int:
@@ -291,3 +311,13 @@ class PolicyService:
                 raise NotFound(f"no guardrail with id '{rule_id}'", code="guardrail_not_found")
             payload["guardrails"] = kept
         self.store.update(mutate)
+
+    def console_check(self, key_id: str) -> str | None:
+        """For a console session: a fingerprint of the key's stored hash while the key is usable and holds the admin
+        scope, else None. Rotating the key changes it, so a session opened with the old secret ends; the hash
+        itself never leaves this class."""
+        data = self.store.current()[1]["keys"].get(key_id)
+        record = apikeys.from_dict(data) if data is not None else None
+        if record is None or not record.usable(time.time()) or Scope.ADMIN.value not in record.scopes:
+            return None
+        return hashlib.sha256(b"veil-console:" + record.hash.encode()).hexdigest()[:32]

@@ -11,6 +11,7 @@ from litestar import Litestar, Request, Response, get, post
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from admin.api import admin_router, me_route
+from admin.console.router import console_router
 from admin.plane import PolicyPlane, build_plane
 from admin.principal import Scope
 from admin.ratelimit import rate_limit_headers
@@ -18,6 +19,7 @@ from edge_proxy import openai_shapes as shapes
 from edge_proxy.admission import SessionShare
 from edge_proxy.completions_route import completions
 from edge_proxy.core_client import CoreTransport, transport_from_settings
+from edge_proxy.core_health import core_health_probe
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.gatekeeper import Admission, Gatekeeper
 from edge_proxy.generate import Engine
@@ -116,7 +118,9 @@ def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None 
     state = EdgeState({"settings": settings, "model": model, "core": transport, "engine": engine,
                        "metrics": edge_metrics, "plane": plane,
                        "gate": Gatekeeper(plane, edge_metrics, _sessions(settings), settings.privacy.ner_model),
-                       "auth": plane.auth, "policy": plane.policy, "audit": plane.audit})
+                       "auth": plane.auth, "policy": plane.policy, "audit": plane.audit,
+                       "usage": plane.usage, "console": plane.console,
+                       "core_health": core_health_probe(settings, engine)})
 
     async def on_startup(app: Litestar) -> None:
         try:
@@ -134,7 +138,7 @@ def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None 
 
     return Litestar(
         route_handlers=[list_models, get_model, chat_completions, healthz, readyz, metrics, admin_router, me_route,
-                        responses, completions],
+                        responses, completions, console_router],
         state=state,
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],

@@ -9,7 +9,8 @@ Admission is the cheap part that runs before the body is read: the request count
 Output rules run inside the reply's text pipeline (edge_proxy/reply_text.py); their blocks are
 recorded here once the request ends.
 
-Every rejection is counted (by key id or reason, never by secret) and written to the audit log.
+Every rejection is counted (by key id or reason, never by secret), written to the audit log and added to the
+key's usage (admin/usage.py), as are the tokens of every request that ran and the spans protected.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Gatekeeper:
             principal = await self.plane.auth.authenticate(headers)
         except AuthenticationFailed as exc:
             self.metrics.auth_failures.labels(reason=str(exc.code)).inc()
+            self.plane.usage.count(self.plane.auth.claimed(headers), refused_401=1)
             self._audit("auth.failure", request_id=rid, reason=str(exc.code), path=path)
             exc.headers["www-authenticate"] = "Bearer"
             raise
@@ -72,6 +74,7 @@ class Gatekeeper:
             require(principal, scope)
         except PermissionDenied:
             self.metrics.permission_denied.labels(scope=scope.value).inc()
+            self.plane.usage.count(principal.key_id, refused_403=1)
             self._audit("auth.denied", actor=principal.key_id, request_id=rid, scope=scope.value, path=path)
             raise
         return principal
@@ -86,6 +89,7 @@ class Gatekeeper:
             await self.sessions.take(principal.key_id, principal.max_concurrent)
         except RateLimited:
             self.metrics.rate_limited.labels(limit="concurrency").inc()
+            self.plane.usage.count(principal.key_id, refused_429=1)
             self._audit("ratelimit.reject", actor=principal.key_id, request_id=rid, limit="concurrency")
             raise
         except ServiceUnavailable:
@@ -112,6 +116,7 @@ class Gatekeeper:
 
     def _refuse(self, principal: Principal, rid: str, decision: RateDecision, which: str) -> None:
         self.metrics.rate_limited.labels(limit=which).inc()
+        self.plane.usage.count(principal.key_id, refused_429=1)
         self._audit("ratelimit.reject", actor=principal.key_id, request_id=rid, limit=which)
         raise RateLimited(f"rate limit reached for {which} per minute on key {principal.key_id}; "
                           f"retry after {decision.retry_after_s:.1f}s", code="rate_limit_exceeded",
@@ -124,6 +129,7 @@ class Gatekeeper:
     def blocked(self, principal: Principal, rule_id: str, rid: str, where: str) -> None:
         """Count and audit a guardrail block (prompt or output) by key id and rule id."""
         self.metrics.policy_blocks.labels(rule=rule_id).inc()
+        self.plane.usage.count(principal.key_id, refused_policy=1)
         self._audit("policy.block", actor=principal.key_id, request_id=rid, rule_id=rule_id, where=where)
 
     def guard_prompt(self, principal: Principal, messages: list[dict[str, str]],
@@ -150,6 +156,7 @@ class Gatekeeper:
             return None
         for _, span in protected.spans:
             self.metrics.protected_spans.labels(label=span.label, protection=span.protection).inc()
+        self.plane.usage.count(principal.key_id, protected_spans=len(protected.spans))
         rules = sorted({span.rule_id for _, span in protected.spans})
         self._audit("policy.protect", actor=principal.key_id, request_id=rid, rules=",".join(rules),
                     spans=len(protected.spans))

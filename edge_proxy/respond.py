@@ -138,6 +138,8 @@ async def settle(gate: Gatekeeper, metrics: EdgeMetrics, admission: Admission, g
         return
     used, gens, m = shapes.group_usage(groups), [g for gens in groups for g in gens], metrics
     await gate.release(admission, used["total_tokens"])
+    gate.plane.usage.count(admission.principal.key_id, requests=1, prompt_tokens=used["prompt_tokens"],
+                           completion_tokens=used["completion_tokens"])
     for g in gens:
         if g.blocked_rule is not None:
             gate.blocked(admission.principal, g.blocked_rule, g.request_id, "output")

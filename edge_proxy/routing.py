@@ -37,10 +37,14 @@ class EdgeState(State):
     metrics: EdgeMetrics
     plane: PolicyPlane
     gate: Gatekeeper
-    # the admin API reads these three straight off the state
+    # the admin API reads these straight off the state
     auth: Any
     policy: Any
     audit: Any
+    usage: Any
+    # the console's sign-ins and its view of the core
+    console: Any
+    core_health: Any
 
 
 def check_model(state: EdgeState, model_id: str) -> None:
