@@ -44,8 +44,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         servers[0].wait_ready(args.timeout)
         servers.append(Server("edge", env, settings.edge.port, host=settings.edge.host, config=args.config))
         servers[1].wait_ready(args.timeout)
-        print(f"\nVeil is up. OpenAI base URL: http://{settings.edge.host}:{settings.edge.port}/v1  "
-              f"model: {settings.model.name}\n(Ctrl-C stops it)", flush=True)
+        edge_url = f"http://{settings.edge.host}:{settings.edge.port}"
+        print(f"\nVeil is up. OpenAI base URL: {edge_url}/v1  model: {settings.model.name}\n"
+              f"Operator console: {edge_url}/admin/\n(Ctrl-C stops it)", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while all(s.running() for s in servers):
             time.sleep(0.5)
