@@ -134,8 +134,12 @@ def _load(state: CoreState) -> None:
         table = SessionTable(engine.new_session, max_sessions=sessions, max_tokens=max_tokens,
                              idle_seconds=core.session_idle_seconds, spill=spill if locker else None,
                              spill_after=core.locker_after_seconds)
+        # Chunks only for the native engine: vLLM is handed a step's whole sequence as one request and chunks its
+        # prefill itself; chunked here, each chunk would re-send the prefix, and a chunk wanting an early row
+        # skips vLLM's prefix cache and recomputes every row before it.
+        chunk = core.prefill_chunk_tokens if engine.name == "native" else 0
         scheduler = StepScheduler(engine, table, state.metrics, core.max_batch_tokens,
-                                  max_queued=core.max_queued_steps)
+                                  max_queued=core.max_queued_steps, prefill_chunk_tokens=chunk)
         scheduler.start()
         state.scheduler = scheduler
         state.metrics.ready.set(1)

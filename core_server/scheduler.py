@@ -1,4 +1,9 @@
-"""Continuous batching: one runner thread gathers waiting steps of many sessions into one forward."""
+"""Continuous batching: one runner thread gathers waiting steps of many sessions into one forward.
+
+Chunked prefill: a step longer than `prefill_chunk_tokens` rows runs as several chunks, one per batch, each
+admitted at its own offset; the other sessions' steps share those batches instead of waiting for one long
+forward. Its future resolves once, after the last chunk, with the result the whole step would have had.
+"""
 
 from __future__ import annotations
 
@@ -29,15 +34,50 @@ class _Pending:
     req: StepRequest
     future: concurrent.futures.Future[StepResult]
     enqueued: float  # perf_counter, for the queue-time metric
+    done: int = 0  # rows already run (committed) by earlier chunks
+    rows: int = 0  # rows of the chunk in hand, set by take_batch
+    picked: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # wanted rows from earlier chunks
+    compute_ms: float = 0.0  # summed over the chunks run so far
+
+    @property
+    def size(self) -> int:
+        return self.req.hidden.shape[0]
+
+    @property
+    def whole(self) -> bool:
+        return self.done == 0 and self.rows == self.size
+
+    @property
+    def last(self) -> bool:
+        return self.done + self.rows == self.size
+
+    def _inside(self) -> list[int]:
+        """The step's wanted rows that fall in the chunk in hand, as indices into the chunk."""
+        n, lo = self.size, self.done
+        return sorted({w % n - lo for w in self.req.want if lo <= w % n < lo + self.rows})
+
+    def chunk_want(self) -> list[int]:
+        # an engine is always asked for at least one row: a chunk holding none of the wanted ones asks its last
+        return self._inside() or [self.rows - 1]
+
+    def keep(self, hidden: torch.Tensor) -> None:
+        """Hold the wanted rows of the chunk just run (hidden: [len(chunk_want), d])."""
+        for i, row in zip(self._inside(), hidden):
+            self.picked[self.done + i] = row
+
+    def gathered(self) -> torch.Tensor:
+        """[len(want), d]: the wanted rows in the order asked, as the whole step would have returned them."""
+        return torch.stack([self.picked[w % self.size] for w in self.req.want])
 
 
 class StepScheduler:
     """Owns the queue of steps and the thread that runs them; sessions live in `table`."""
 
     def __init__(self, engine: CoreEngine, table: SessionTable, metrics: CoreMetrics, max_batch_tokens: int,
-                 max_queued: int = 1024, clock: Callable[[], float] = time.monotonic):
+                 max_queued: int = 1024, clock: Callable[[], float] = time.monotonic, prefill_chunk_tokens: int = 0):
         self.engine, self.table, self.metrics = engine, table, metrics
         self.max_batch_tokens, self.max_queued = max_batch_tokens, max_queued
+        self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: every step runs whole
         self.failure: str | None = None  # set when the runner cannot go on; /readyz then says so
         self.clock = clock
         metrics.active_sessions.set_function(table.holding_kv)  # read at scrape time, never stale
@@ -84,27 +124,37 @@ class StepScheduler:
         return await asyncio.wrap_future(self.enqueue(req))
 
     def take_batch(self) -> list[_Pending]:
-        """Waiting steps in arrival order up to the token budget, at most one per session (its steps are
-        sequential); the rest keep their places."""
+        """Waiting steps (or their next chunk) in arrival order up to the token budget, at most one per session
+        (its steps are sequential); the rest keep their places. A step part-way through its chunks waits at the
+        front, so it is never starved."""
         with self._cond:
             batch: list[_Pending] = []
             skipped: list[_Pending] = []
-            sessions: set[str] = set()
+            sessions: set[str] = set()  # taken or passed over: a later step of theirs must not overtake
             tokens = 0
             while self._waiting:
                 item = self._waiting.popleft()
-                n = item.req.hidden.shape[0]
-                if item.req.session in sessions or (batch and tokens + n > self.max_batch_tokens):
+                remaining = item.size - item.done
+                item.rows = min(remaining, self.prefill_chunk_tokens) if self.prefill_chunk_tokens else remaining
+                if item.req.session in sessions or (batch and tokens + item.rows > self.max_batch_tokens):
                     skipped.append(item)
+                    sessions.add(item.req.session)
                     continue
-                if not item.future.set_running_or_notify_cancel():
+                if not self._claim(item):
                     continue  # its client went away while it waited
                 batch.append(item)
                 sessions.add(item.req.session)
-                tokens += n
+                tokens += item.rows
             self._waiting.extendleft(reversed(skipped))
             self.metrics.queued_steps.set(len(self._waiting))
         return batch
+
+    def _claim(self, item: _Pending) -> bool:
+        """Whether the step's client still waits. The future stays pending (cancellable) until its last chunk."""
+        alive = item.future.set_running_or_notify_cancel() if item.last else not item.future.cancelled()
+        if not alive and item.done:
+            self.table.rewind(item.req.session, item.req.offset)
+        return alive
 
     def tick(self) -> int:
         """One round of the runner: expire idle sessions when due, then run one batch; -> steps taken."""
@@ -142,21 +192,38 @@ class StepScheduler:
             waiting = list(self._waiting)
             self._waiting.clear()
         for item in waiting:
+            if item.done:
+                self.table.rewind(item.req.session, item.req.offset)
             if item.future.set_running_or_notify_cancel():
                 item.future.set_exception(ServiceUnavailable(reason, code=code))
 
+    def _fail_step(self, item: _Pending, exc: VeilError) -> None:
+        """Fail the step once; a step stopped part-way leaves its session as it was before the step."""
+        if item.done:
+            self.table.rewind(item.req.session, item.req.offset)
+        try:
+            item.future.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass  # a chunk before the last: its client went away meanwhile
+
     def _admit(self, item: _Pending) -> Segment | None:
-        """The step's segment, or None after failing its future with the reason."""
+        """The segment of the step's chunk in hand, or None after failing its future with the reason."""
         try:
             if item.req.hidden.shape[1] != self.engine.spec.hidden_size:
                 raise InvalidRequest(
                     f"step dim {item.req.hidden.shape[1]} does not match the model dim {self.engine.spec.hidden_size}",
                     code="dim_mismatch")
-            return self.table.admit(item.req.session, item.req.offset, item.req.hidden.shape[0])
+            return self.table.admit(item.req.session, item.req.offset + item.done, item.rows)
         except VeilError as exc:
             self.metrics.errors.labels(code=str(exc.code)).inc()
-            item.future.set_exception(exc)
+            self._fail_step(item, exc)
             return None
+
+    @staticmethod
+    def _engine_step(item: _Pending, seg: Segment) -> EngineStep:
+        if item.whole:
+            return EngineStep(item.req.hidden, seg, item.req.want)
+        return EngineStep(item.req.hidden[item.done : item.done + item.rows], seg, item.chunk_want())
 
     def run_batch(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
@@ -165,7 +232,7 @@ class StepScheduler:
             return
         computed = self.engine.rows_computed
         try:
-            results = self.engine.run([EngineStep(item.req.hidden, seg, item.req.want) for item, seg in admitted])
+            results = self.engine.run([self._engine_step(item, seg) for item, seg in admitted])
         except Exception as exc:  # out of memory or any other failure costs this batch only
             log.error("forward failed engine=%s error=%s steps=%d", self.engine.name, type(exc).__name__,
                       len(admitted))
@@ -173,13 +240,33 @@ class StepScheduler:
                 torch.cuda.empty_cache()  # hand back what the failed forward held
             for item, _ in admitted:
                 self.metrics.errors.labels(code="forward_failed").inc()
-                item.future.set_exception(VeilError("the core failed to run this step", code="forward_failed"))
+                self._fail_step(item, VeilError("the core failed to run this step", code="forward_failed"))
             return
         compute_ms = (time.perf_counter() - started) * 1000
         self.metrics.rows_computed.inc(self.engine.rows_computed - computed)
         self.metrics.batch_tokens.observe(sum(seg.n for _, seg in admitted))
+        unfinished: list[_Pending] = []
         for (item, seg), hidden in zip(admitted, results):
-            self.metrics.tokens.labels(kind="prefill" if seg.n > 1 else "decode").inc(seg.n)
-            self.metrics.step_seconds.observe(time.perf_counter() - item.enqueued)
-            queue_ms = (started - item.enqueued) * 1000
-            item.future.set_result(StepResult(item.req.session, seg.session.length, hidden, compute_ms, queue_ms))
+            # the step's kind, not the chunk's: a 1-row last chunk is still prefill
+            self.metrics.tokens.labels(kind="prefill" if item.size > 1 else "decode").inc(seg.n)
+            if item.whole:
+                self.metrics.step_seconds.observe(time.perf_counter() - item.enqueued)
+                queue_ms = (started - item.enqueued) * 1000
+                item.future.set_result(StepResult(item.req.session, seg.session.length, hidden, compute_ms, queue_ms))
+                continue
+            item.keep(hidden)
+            item.compute_ms += compute_ms
+            item.done += seg.n
+            if item.done < item.size:
+                unfinished.append(item)
+                continue
+            # compute_ms sums the step's chunk forwards; queue_ms is the rest of its time (waits before and
+            # between chunks), so the two add up to its time in the core as for a whole step
+            elapsed_ms = (time.perf_counter() - item.enqueued) * 1000
+            self.metrics.step_seconds.observe(elapsed_ms / 1000)
+            item.future.set_result(StepResult(item.req.session, seg.session.length, item.gathered(),
+                                              item.compute_ms, elapsed_ms - item.compute_ms))
+        if unfinished:  # back at the front: the next batch takes their next chunks first
+            with self._cond:
+                self._waiting.extendleft(reversed(unfinished))
+                self.metrics.queued_steps.set(len(self._waiting))

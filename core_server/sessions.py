@@ -102,6 +102,13 @@ class SessionTable:
             kv = held.kv
         return kv.begin(offset, new_tokens)
 
+    def rewind(self, sid: str, offset: int) -> None:
+        """Forget the positions from `offset` on: a step that ran in chunks and stopped part-way commits nothing."""
+        with self._lock:
+            held = self._held.get(sid)
+            if held is not None and held.kv is not None:
+                held.kv.length = min(held.kv.length, offset)
+
     def close(self, sid: str) -> Held | None:
         with self._lock:
             return self._held.pop(sid, None)

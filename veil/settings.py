@@ -71,6 +71,7 @@ class CoreSettings:
     max_tokens_per_session: int = 8192
     session_idle_seconds: int = 300
     max_batch_tokens: int = 8192
+    prefill_chunk_tokens: int = 512  # a longer step runs in chunks of this many rows beside other decodes; 0 = whole
     max_step_bytes: int = 64 * 1024 * 1024
     max_result_rows: int = 64  # rows one step may ask back (`want`); 413 beyond
     max_queued_steps: int = 1024  # steps waiting for the runner; 503 queue_full (Retry-After) beyond
@@ -163,9 +164,10 @@ class Settings:
                               "edge.key_session_share in (0, 1] and edge.admission_wait_seconds >= 0")
         if self.core.max_sessions < 1 or self.core.max_tokens_per_session < 1:
             raise ConfigError("core.max_sessions and core.max_tokens_per_session must be >= 1")
-        if self.core.max_result_rows < 1 or self.core.max_queued_steps < 1 or self.core.kv_budget_bytes < 0:
+        if self.core.max_result_rows < 1 or self.core.max_queued_steps < 1 or self.core.kv_budget_bytes < 0 \
+                or self.core.prefill_chunk_tokens < 0:
             raise ConfigError("core.max_result_rows and core.max_queued_steps must be >= 1, "
-                              "core.kv_budget_bytes >= 0")
+                              "core.kv_budget_bytes and core.prefill_chunk_tokens >= 0")
         if self.core.locker_after_seconds <= 0 or self.locker.ttl_seconds < 1 or self.locker.max_snapshot_bytes < 1:
             raise ConfigError("core.locker_after_seconds, locker.ttl_seconds and locker.max_snapshot_bytes must be > 0")
         if self.core.device not in ("auto", "cpu", "cuda"):
