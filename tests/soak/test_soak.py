@@ -8,10 +8,11 @@ the only failures allowed, and the same checks (errors, RSS slope, core sessions
 with a metrics key, canaries and secrets in the logs).
 
 The RSS bounds are looser here: the slope is fitted over the last 30 seconds, which in one minute
-are still warm-up (16 KV caches filling, glibc keeping freed KV buffers: the core measured ~50 MiB/min
-there, the edge ~2). They still catch a leak per request: about 35 requests a minute run here, so a
-leaked KV cache (>= 11.8 MiB) is >= 400 MiB/min at the core, and 20 MiB/min at the edge is ~600 KiB
-a request (a leaked prompt's hidden states are ~2.3 KiB a token).
+are still warm-up: the KV pool is allocated at start but its pages are first touched as sessions take
+slots and grow, so the core measured 50-200 MiB/min there (the edge ~2). The bounds still catch a leak
+per request: about 35 requests a minute run here, so a leaked KV cache (>= 11.8 MiB) is >= 400 MiB/min
+at the core, and 20 MiB/min at the edge is ~600 KiB a request (a leaked prompt's hidden states are
+~2.3 KiB a token).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SOAK_PY = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
-EDGE_MAX_SLOPE, CORE_MAX_SLOPE = 20.0, 150.0  # MiB/min over the last 30 s; `make soak`: 2 over its last 5 min
+EDGE_MAX_SLOPE, CORE_MAX_SLOPE = 20.0, 300.0  # MiB/min over the last 30 s; `make soak`: 2 over its last 5 min
 
 
 def _soak_module():

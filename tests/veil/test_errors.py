@@ -17,7 +17,8 @@ def _all_subclasses(cls: type) -> list[type]:
     return out
 
 
-VEIL_ERRORS = [errors.VeilError, *_all_subclasses(errors.VeilError)]
+# the tree of veil.errors (a package may refine one for its own handler, e.g. the console's SignInRequired)
+VEIL_ERRORS = [errors.VeilError, *(c for c in _all_subclasses(errors.VeilError) if c.__module__ == errors.__name__)]
 STATUSES = {400, 401, 403, 404, 409, 413, 422, 429, 500, 502, 503, 504}
 
 
