@@ -86,10 +86,15 @@ async def _caller(request: Request, scope: Scope) -> Principal:
     return principal
 
 
-def _audit(request: Request, event: str, actor: Principal, **fields: Any) -> None:
+def audit_event(request: Request, event: str, actor: str | None, **fields: Any) -> None:
+    """One audit line for a change or refusal made through the admin API or the console (no log: nothing)."""
     audit = request.app.state.audit
     if audit is not None:
-        audit.record(event, actor=actor.key_id, request_id=_rid(request), **fields)
+        audit.record(event, actor=actor, request_id=_rid(request), **fields)
+
+
+def _audit(request: Request, event: str, actor: Principal, **fields: Any) -> None:
+    audit_event(request, event, actor.key_id, **fields)
 
 
 @post("/keys", status_code=201, operation_class=documented(AUTHENTICATED, WITH_BODY),

@@ -129,9 +129,3 @@ def cookie(request: Request, name: str, value: str, *, expire: bool = False) -> 
     `expire` makes the browser drop it."""
     return Cookie(key=name, value=value, path="/admin", httponly=True, samesite="strict",
                   secure=request.url.scheme == "https", max_age=0 if expire else None)
-
-
-def audit(request: Request, event: str, actor: str | None, **fields: Any) -> None:
-    log = state_of(request).audit
-    if log is not None:
-        log.record(event, actor=actor, request_id=request.scope.get("state", {}).get("request_id"), **fields)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from litestar import Request, Response, get, post
 
+from admin.api import audit_event as audit  # the REST API's lines, the same for a console change
 from admin.console import forms
-from admin.console.guard import Operator, audit, change, operator, state_of
+from admin.console.guard import Operator, change, operator, state_of
 from admin.console.render import page, redirect
 from admin.guardrails import ACTIONS, ENTITY_LABELS, PROTECTIONS, TARGETS
 from veil.errors import InvalidRequest

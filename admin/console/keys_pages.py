@@ -11,8 +11,9 @@ from urllib.parse import quote
 
 from litestar import Request, Response, get, post
 
+from admin.api import audit_event as audit  # the REST API's lines, the same for a console change
 from admin.console import forms
-from admin.console.guard import Operator, audit, change, operator, state_of
+from admin.console.guard import Operator, change, operator, state_of
 from admin.console.render import page, redirect
 from admin.policy import LIMITS
 from veil.errors import InvalidRequest

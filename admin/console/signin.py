@@ -6,13 +6,13 @@ import secrets
 
 from litestar import Request, Response, get, post
 
+from admin.api import audit_event as audit  # the REST API's lines, the same for a console change
 from admin.console import forms
 from admin.console.guard import (
     LOCAL_FINGERPRINT,
     LOGIN_COOKIE,
     SESSION_COOKIE,
     SignInRequired,
-    audit,
     change,
     check_host,
     check_origin,
