@@ -139,7 +139,8 @@ def _load(state: CoreState) -> None:
         # skips vLLM's prefix cache and recomputes every row before it.
         chunk = core.prefill_chunk_tokens if engine.name == "native" else 0
         scheduler = StepScheduler(engine, table, state.metrics, core.max_batch_tokens,
-                                  max_queued=core.max_queued_steps, prefill_chunk_tokens=chunk)
+                                  max_queued=core.max_queued_steps, prefill_chunk_tokens=chunk,
+                                  batch_wait_ms=core.batch_wait_ms)
         scheduler.start()
         state.scheduler = scheduler
         state.metrics.ready.set(1)

@@ -3,6 +3,12 @@
 Chunked prefill: a step longer than `prefill_chunk_tokens` rows runs as several chunks, one per batch, each
 admitted at its own offset; the other sessions' steps share those batches instead of waiting for one long
 forward. Its future resolves once, after the last chunk, with the result the whole step would have had.
+
+Gathering: a decode forward reads every weight once whatever its rows, so one forward of 16 rows costs about
+what one of 2 does. The sessions of a batch come back as their edge answers them, one HTTP request each, a few
+milliseconds apart; starting the next forward with the first arrivals would split them over several forwards.
+So while sessions that took part in the last batch are still missing, the runner holds the batch back, for at
+most `batch_wait_ms` after its oldest step arrived. One stream alone never waits: nobody is missing.
 """
 
 from __future__ import annotations
@@ -74,10 +80,13 @@ class StepScheduler:
     """Owns the queue of steps and the thread that runs them; sessions live in `table`."""
 
     def __init__(self, engine: CoreEngine, table: SessionTable, metrics: CoreMetrics, max_batch_tokens: int,
-                 max_queued: int = 1024, clock: Callable[[], float] = time.monotonic, prefill_chunk_tokens: int = 0):
+                 max_queued: int = 1024, clock: Callable[[], float] = time.monotonic, prefill_chunk_tokens: int = 0,
+                 batch_wait_ms: float = 0.0):
         self.engine, self.table, self.metrics = engine, table, metrics
         self.max_batch_tokens, self.max_queued = max_batch_tokens, max_queued
         self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: every step runs whole
+        self.batch_wait = batch_wait_ms / 1000  # 0: a batch starts with whatever waits
+        self._expected: set[str] = set()  # sessions whose step the last batch finished: likely back soon
         self.failure: str | None = None  # set when the runner cannot go on; /readyz then says so
         self.clock = clock
         metrics.active_sessions.set_function(table.holding_kv)  # read at scrape time, never stale
@@ -168,6 +177,21 @@ class StepScheduler:
             self.run_batch(batch)
         return len(batch)
 
+    def gather(self) -> None:
+        """Wait (holding the lock) while sessions of the last batch have no step waiting, until the oldest
+        waiting step has waited `batch_wait`, or the waiting rows fill a batch."""
+        expected, self._expected = self._expected, set()
+        if not self.batch_wait or not expected or not self._waiting:
+            return
+        deadline = self._waiting[0].enqueued + self.batch_wait
+        while self._running:
+            here = {p.req.session for p in self._waiting}
+            rows = sum(p.size - p.done for p in self._waiting)
+            left = deadline - time.perf_counter()
+            if expected <= here or left <= 0 or rows >= self.max_batch_tokens:
+                return
+            self._cond.wait(timeout=left)
+
     def _loop(self) -> None:
         try:
             while True:
@@ -176,6 +200,7 @@ class StepScheduler:
                         self._cond.wait(timeout=SWEEP_SECONDS)
                     if not self._running:
                         return
+                    self.gather()
                 self.tick()
         except BaseException as exc:  # the runner is gone: say so and fail whatever still waits
             self._fail(f"the core's runner stopped ({type(exc).__name__}); restart the core")
@@ -243,6 +268,7 @@ class StepScheduler:
                 self._fail_step(item, VeilError("the core failed to run this step", code="forward_failed"))
             return
         compute_ms = (time.perf_counter() - started) * 1000
+        self._expected = {item.req.session for item, seg in admitted if item.done + seg.n == item.size}
         self.metrics.rows_computed.inc(self.engine.rows_computed - computed)
         self.metrics.batch_tokens.observe(sum(seg.n for _, seg in admitted))
         unfinished: list[_Pending] = []

@@ -72,6 +72,7 @@ class CoreSettings:
     session_idle_seconds: int = 300
     max_batch_tokens: int = 8192
     prefill_chunk_tokens: int = 512  # a longer step runs in chunks of this many rows beside other decodes; 0 = whole
+    batch_wait_ms: float = 10.0  # hold a batch back this long at most for sessions of the last batch; 0 = never
     max_step_bytes: int = 64 * 1024 * 1024
     max_result_rows: int = 64  # rows one step may ask back (`want`); 413 beyond
     max_queued_steps: int = 1024  # steps waiting for the runner; 503 queue_full (Retry-After) beyond
@@ -165,9 +166,10 @@ class Settings:
         if self.core.max_sessions < 1 or self.core.max_tokens_per_session < 1:
             raise ConfigError("core.max_sessions and core.max_tokens_per_session must be >= 1")
         if self.core.max_result_rows < 1 or self.core.max_queued_steps < 1 or self.core.kv_budget_bytes < 0 \
-                or self.core.prefill_chunk_tokens < 0:
+                or self.core.prefill_chunk_tokens < 0 or not 0 <= self.core.batch_wait_ms <= 1000:
             raise ConfigError("core.max_result_rows and core.max_queued_steps must be >= 1, "
-                              "core.kv_budget_bytes and core.prefill_chunk_tokens >= 0")
+                              "core.kv_budget_bytes and core.prefill_chunk_tokens >= 0, "
+                              "and core.batch_wait_ms in [0, 1000]")
         if self.core.locker_after_seconds <= 0 or self.locker.ttl_seconds < 1 or self.locker.max_snapshot_bytes < 1:
             raise ConfigError("core.locker_after_seconds, locker.ttl_seconds and locker.max_snapshot_bytes must be > 0")
         if self.core.device not in ("auto", "cpu", "cuda"):

@@ -1,0 +1,86 @@
+"""Aggregate decode throughput at 1, 4 and 16 concurrent streams through edge and core, and what the core's
+gathering wait (`core.batch_wait_ms`) does to it: one run, the same cloaked model and machine, the core
+started once with the wait off and once with the wait given.
+
+For each setting it prints aggregate tok/s per stream count, the ratio 16 streams ÷ 1 stream (issue 15's goal
+is >= 8), and the mean rows per batched forward (the core's `veil_core_batch_tokens` histogram over the
+16-stream run): the closer to 16, the fewer forwards the streams' steps were split over.
+
+    python bench/concurrency.py [--tokens 48] [--wait-ms 10] [--threads 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+
+from bench.split_vs_generate import MODEL_NAME, bench_split, bench_split_concurrent  # noqa: E402
+from cloaking.checkpoint import bundled_model_path, load_checkpoint  # noqa: E402
+from cloaking.cloak import cloak, eos_ids  # noqa: E402
+from cloaking.secretbox import KeySource, create_key_file  # noqa: E402
+from veil_cli.processes import VeilPair  # noqa: E402
+
+STREAMS = (1, 4, 16)
+
+
+def _batch_rows(metrics_url: str) -> tuple[float, float]:
+    """(sum, count) of the core's rows-per-forward histogram."""
+    text = httpx.get(metrics_url + "/metrics").text
+    total = float(re.search(r"^veil_core_batch_tokens_sum (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    count = float(re.search(r"^veil_core_batch_tokens_count (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    return total, count
+
+
+def measure(root: Path, key: Path, eos: list[int], tokens: int, wait_ms: float, threads: int) -> dict[str, float]:
+    env = {"VEIL_CORE_MAX_SESSIONS": "32", "VEIL_LOG_LEVEL": "warning", "VEIL_CORE_BATCH_WAIT_MS": str(wait_ms),
+           "VEIL_CORE_THREADS": str(threads)}
+    home = root / f"wait-{wait_ms:g}"
+    home.mkdir()
+    pair = VeilPair(home, root / "edge", root / "core", key, MODEL_NAME, core_env=env)
+    try:
+        bench_split(pair.base_url, eos, 8)  # warm-up
+        out: dict[str, float] = {}
+        for streams in STREAMS:
+            before = _batch_rows(pair.metrics_url)
+            out[f"aggregate_tok_s_{streams}"] = bench_split_concurrent(pair.base_url, eos, tokens, streams)
+            after = _batch_rows(pair.metrics_url)
+            out[f"rows_per_forward_{streams}"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+        return out
+    finally:
+        pair.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=48, help="tokens per stream")
+    parser.add_argument("--wait-ms", type=float, default=10.0, help="core.batch_wait_ms to compare with 0")
+    parser.add_argument("--threads", type=int, default=0, help="core.threads (0 = torch's default)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        key = root / "bundle.key"
+        create_key_file(key)
+        ckpt = load_checkpoint(bundled_model_path())
+        cloak(ckpt, root / "edge", root / "core", KeySource(key_file=key), MODEL_NAME, progress=False)
+        eos = eos_ids(ckpt)
+        del ckpt
+        results = {wait: measure(root, key, eos, args.tokens, wait, args.threads) for wait in (0.0, args.wait_ms)}
+    print(f"\n{'figure':<24}" + "".join(f"{f'wait {w:g} ms':>14}" for w in results))
+    for name in results[0.0]:
+        print(f"{name:<24}" + "".join(f"{r[name]:>14.1f}" for r in results.values()))
+    print(f"{'16 streams / 1':<24}" + "".join(
+        f"{r['aggregate_tok_s_16'] / r['aggregate_tok_s_1']:>14.2f}" for r in results.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
