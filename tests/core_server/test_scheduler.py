@@ -178,46 +178,43 @@ def test_a_runner_that_cannot_go_on_says_so(parts, monkeypatch) -> None:
     scheduler.stop()
 
 
-def _threaded(parts, wait_ms: float) -> StepScheduler:
-    """A scheduler over the fixture's engine and table with the given gathering wait (the runner not started)."""
+def _running(parts, wait_ms: float, first: str = "") -> StepScheduler:
+    """A started scheduler over the fixture's engine and table, with the given gathering wait, after one batch
+    that ran a one-row step of each session in `first` together."""
     _, stack, table, clock = parts
-    return StepScheduler(stack, table, CoreMetrics(), max_batch_tokens=16, clock=clock,  # type: ignore[arg-type]
-                         batch_wait_ms=wait_ms)
+    scheduler = StepScheduler(stack, table, CoreMetrics(), max_batch_tokens=16, clock=clock,  # type: ignore[arg-type]
+                              batch_wait_ms=wait_ms)
+    steps = [scheduler.enqueue(_req(s, 0, 1)) for s in first]  # queued before the runner starts: one batch
+    scheduler.start()
+    for f in steps:
+        f.result(timeout=5)
+    return scheduler
 
 
 def test_the_runner_gathers_the_sessions_of_the_last_batch_into_one_forward(parts) -> None:
     stack = parts[1]
-    scheduler = _threaded(parts, wait_ms=60_000)
-    first = [scheduler.enqueue(_req(s, 0, 2)) for s in "ab"]
-    scheduler.start()
+    scheduler = _running(parts, wait_ms=60_000, first="ab")
     try:
-        for f in first:
-            f.result(timeout=5)
-        a = scheduler.enqueue(_req("a", 2, 1))
+        a = scheduler.enqueue(_req("a", 1, 1))
         time.sleep(0.2)  # b's edge answers later: without gathering, a would run alone meanwhile
         assert not a.done()
-        b = scheduler.enqueue(_req("b", 2, 1))
+        b = scheduler.enqueue(_req("b", 1, 1))
         a.result(timeout=5), b.result(timeout=5)  # both arrived: no waiting out the 60 s
     finally:
         scheduler.stop()
-    assert stack.batches == [[(0, 2), (0, 2)], [(2, 1), (2, 1)]]
+    assert stack.batches == [[(0, 1), (0, 1)], [(1, 1), (1, 1)]]
 
 
 def test_one_stream_alone_never_waits_and_a_missing_session_only_delays_by_the_wait(parts) -> None:
     stack = parts[1]
-    scheduler = _threaded(parts, wait_ms=60_000)
-    scheduler.start()
+    scheduler = _running(parts, wait_ms=60_000)
     try:
         for offset in range(3):  # nobody else took part in its last batch: no wait (else 60 s and a timeout)
             scheduler.enqueue(_req("a", offset, 1)).result(timeout=5)
     finally:
         scheduler.stop()
-    bounded = _threaded(parts, wait_ms=50)
-    first = [bounded.enqueue(_req(s, 0, 1)) for s in "cd"]
-    bounded.start()
+    bounded = _running(parts, wait_ms=50, first="cd")
     try:
-        for f in first:
-            f.result(timeout=5)
         bounded.enqueue(_req("c", 1, 1)).result(timeout=5)  # d never comes back (its client left)
         bounded.enqueue(_req("c", 2, 1)).result(timeout=5)
     finally:
@@ -227,12 +224,8 @@ def test_one_stream_alone_never_waits_and_a_missing_session_only_delays_by_the_w
 
 def test_without_a_wait_a_batch_starts_with_whatever_waits(parts) -> None:
     stack = parts[1]
-    scheduler = _threaded(parts, wait_ms=0)
-    first = [scheduler.enqueue(_req(s, 0, 1)) for s in "ab"]
-    scheduler.start()
+    scheduler = _running(parts, wait_ms=0, first="ab")
     try:
-        for f in first:
-            f.result(timeout=5)
         scheduler.enqueue(_req("a", 1, 1)).result(timeout=5)
     finally:
         scheduler.stop()
