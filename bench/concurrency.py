@@ -3,8 +3,12 @@ gathering wait (`core.batch_wait_ms`) does to it: one run, the same cloaked mode
 started once with the wait off and once with the wait given.
 
 For each setting it prints aggregate tok/s per stream count, the ratio 16 streams ÷ 1 stream (issue 15's goal
-is >= 8), and the mean rows per batched forward (the core's `veil_core_batch_tokens` histogram over the
-16-stream run): the closer to 16, the fewer forwards the streams' steps were split over.
+is >= 8), and the mean rows per batched forward (the core's `veil_core_batch_tokens` histogram, prefill rows
+included): the closer to the stream count, the fewer forwards the streams' steps were split over.
+
+First it times the core's decode forward alone, in this process, at 1, 4 and 16 rows: the most any number of
+streams can gain is what a forward of 16 rows costs against one of 1, before the edge's share of the same
+CPU is counted.
 
     python bench/concurrency.py [--tokens 48] [--wait-ms 10] [--threads 0]
 """
@@ -14,22 +18,53 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
+import torch  # noqa: E402
 
 from bench.split_vs_generate import MODEL_NAME, bench_split, bench_split_concurrent  # noqa: E402
 from cloaking.checkpoint import bundled_model_path, load_checkpoint  # noqa: E402
 from cloaking.cloak import cloak, eos_ids  # noqa: E402
 from cloaking.secretbox import KeySource, create_key_file  # noqa: E402
+from veil.model.decoder import DecoderStack  # noqa: E402
+from veil.model.kv import KVPool  # noqa: E402
 from veil_cli.processes import VeilPair  # noqa: E402
 
 STREAMS = (1, 4, 16)
+
+
+def core_forward_ms(core_dir: Path, threads: int, context: int = 40, repeats: int = 30) -> dict[int, float]:
+    """Median ms of one decode forward of the core's stack alone, per batch size (rows at `context`)."""
+    if threads:
+        torch.set_num_threads(threads)
+    stack = DecoderStack.load(core_dir, torch.device("cpu"))
+    s = stack.spec
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for rows in STREAMS:
+        pool = KVPool(rows, s.num_layers, s.num_kv_heads, s.head_dim, limit=context + repeats, dtype=stack.dtype,
+                      device=stack.device)
+        sessions = [pool.session() for _ in range(rows)]
+        stack.step(torch.randn(context * rows, s.hidden_size, generator=gen) * 0.05,
+                   [x.begin(0, context) for x in sessions])
+        times = []
+        for t in range(repeats):
+            segments = [x.begin(context + t, 1) for x in sessions]
+            x = torch.randn(rows, s.hidden_size, generator=gen) * 0.05
+            started = time.perf_counter()
+            stack.step(x, segments)
+            times.append(time.perf_counter() - started)
+        out[rows] = statistics.median(times) * 1000
+        del sessions, pool
+    return out
 
 
 def _batch_rows(metrics_url: str) -> tuple[float, float]:
@@ -73,6 +108,11 @@ def main() -> int:
         cloak(ckpt, root / "edge", root / "core", KeySource(key_file=key), MODEL_NAME, progress=False)
         eos = eos_ids(ckpt)
         del ckpt
+        alone = core_forward_ms(root / "core", args.threads)
+        print("the core alone, one decode forward: " + ", ".join(
+            f"{rows} rows {ms:.1f} ms" for rows, ms in alone.items())
+            + f"; at most {16 * alone[1] / alone[16]:.2f}x from 16 streams over 1")
+        torch.set_num_threads(1)  # the clients' process: keep its torch out of the servers' way
         results = {wait: measure(root, key, eos, args.tokens, wait, args.threads) for wait in (0.0, args.wait_ms)}
     print(f"\n{'figure':<24}" + "".join(f"{f'wait {w:g} ms':>14}" for w in results))
     for name in results[0.0]:
