@@ -11,7 +11,7 @@ CORE_ENGINE ?= native
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install core-vllm up lint test test-fast bench bench-engines fuzz soak clean
+.PHONY: install core-vllm up lint test test-fast bench bench-engines bench-llamacpp fuzz soak clean
 
 $(STAMP): pyproject.toml tests/helm/requirements.txt tests/js/package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,12 @@ bench: install
 # native vs vllm engine on the same model and machine (bench/engines.py)
 bench-engines: install core-vllm
 	$(PY) bench/engines.py --core-python $(CURDIR)/$(CORE_VLLM_VENV)/bin/python
+
+# one stream: llama.cpp on the bundled GGUF vs Veil's split path (bench/llamacpp.py); llama-cpp-python builds
+# llama.cpp from source here (a few minutes), so only this target installs it
+bench-llamacpp: install
+	$(PIP) install -q llama-cpp-python==0.3.36
+	$(PY) bench/llamacpp.py
 
 # 64 streaming clients for 10 minutes against a real core + auth-enabled edge (bench/soak.py); report in /tmp/soak.json
 soak: install
