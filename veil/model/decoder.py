@@ -140,7 +140,8 @@ class DecoderStack:
         mask = self._mask(seg, window)
         if mask is not None:
             mask = mask.repeat(g, 1)  # row r = group * n + i
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+        # 4-D [1, KV, rows, hd]: the shape torch's fused CPU attention takes (3-D falls back to the math path)
+        out = F.scaled_dot_product_attention(qg[None], keys[None], values[None], attn_mask=mask)
         return out.view(s.num_kv_heads, g, n, hd).permute(2, 0, 1, 3).reshape(n, s.num_heads * hd)
 
     def _write_and_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, li: int, seg: Segment,
