@@ -35,7 +35,6 @@ from cloaking.checkpoint import bundled_model_path, load_checkpoint  # noqa: E40
 from cloaking.cloak import cloak, eos_ids  # noqa: E402
 from cloaking.secretbox import KeySource, create_key_file  # noqa: E402
 from veil.model.decoder import DecoderStack  # noqa: E402
-from veil.model.kv import KVPool  # noqa: E402
 from veil_cli.processes import VeilPair  # noqa: E402
 
 STREAMS = (1, 4, 16)
@@ -50,8 +49,7 @@ def core_forward_ms(core_dir: Path, threads: int, context: int = 40, repeats: in
     gen = torch.Generator().manual_seed(0)
     out = {}
     for rows in STREAMS:
-        pool = KVPool(rows, s.num_layers, s.num_kv_heads, s.head_dim, limit=context + repeats, dtype=stack.dtype,
-                      device=stack.device)
+        pool = stack.new_pool(rows, context + repeats)
         sessions = [pool.session() for _ in range(rows)]
         stack.step(torch.randn(context * rows, s.hidden_size, generator=gen) * 0.05,
                    [x.begin(0, context) for x in sessions])

@@ -16,7 +16,7 @@ import torch
 
 from veil.bundle import CoreSpec
 from veil.model.decoder import DecoderStack
-from veil.model.kv import KVPool, Positions, Segment, Session
+from veil.model.kv import Positions, Segment, Session
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -58,9 +58,7 @@ class NativeEngine:
 
     def __init__(self, stack: DecoderStack, sessions: int, limit: int):
         self.stack, self.spec, self.device, self.dtype = stack, stack.spec, stack.device, stack.dtype
-        spec = stack.spec
-        self.pool = KVPool(sessions, spec.num_layers, spec.num_kv_heads, spec.head_dim, limit=limit,
-                           dtype=stack.dtype, device=stack.device)
+        self.pool = stack.new_pool(sessions, limit)
         self.rows_computed = 0
 
     def new_session(self, limit: int) -> Session:

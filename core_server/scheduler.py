@@ -268,7 +268,8 @@ class StepScheduler:
                 self._fail_step(item, VeilError("the core failed to run this step", code="forward_failed"))
             return
         compute_ms = (time.perf_counter() - started) * 1000
-        self._expected = {item.req.session for item, seg in admitted if item.done + seg.n == item.size}
+        if self.batch_wait:
+            self._expected = {item.req.session for item, seg in admitted if item.done + seg.n == item.size}
         self.metrics.rows_computed.inc(self.engine.rows_computed - computed)
         self.metrics.batch_tokens.observe(sum(seg.n for _, seg in admitted))
         unfinished: list[_Pending] = []

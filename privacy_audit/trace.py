@@ -22,7 +22,7 @@ from edge_proxy.edge_model import EdgeModel
 from edge_proxy.outgoing import NoiseSpec, OutgoingStates
 from privacy_audit.prompts import Prompt
 from veil.model.decoder import DecoderStack
-from veil.model.kv import KVPool, Session
+from veil.model.kv import Session
 
 MAX_NEW_TOKENS = 32
 BATCH = 48  # prompts per lockstep batch: 48 core sessions of ~12 MB each
@@ -142,9 +142,7 @@ def run_batch(stack: DecoderStack, make_outgoing: Callable[[int], Outgoing], log
     """Greedy generation for a batch of prompts; make_outgoing(i) builds request i's OutgoingStates."""
     # the sessions share a KV pool, as in the core, so each decode step attends all of them in one call per layer
     longest = max(len(e.ids) for e in encoded) + max([max_new] + [len(r.ids) for r in references or []])
-    s = stack.spec
-    pool = KVPool(len(encoded), s.num_layers, s.num_kv_heads, s.head_dim, limit=longest, dtype=stack.dtype,
-                  device=stack.device)
+    pool = stack.new_pool(len(encoded), longest)
     reqs = [_Request(e, make_outgoing(i), pool.session(), references[i] if references else None)
             for i, e in enumerate(encoded)]
     outs = core_step(stack, [(r.session, 0, r.send(r.enc.ids, 0)) for r in reqs])

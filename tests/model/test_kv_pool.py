@@ -14,9 +14,7 @@ from veil.model.kv import KVPool, PooledSession
 
 
 def _pool(stack: DecoderStack, slots: int, limit: int = 64) -> KVPool:
-    s = stack.spec
-    return KVPool(slots, s.num_layers, s.num_kv_heads, s.head_dim, limit=limit, dtype=stack.dtype,
-                  device=stack.device)
+    return stack.new_pool(slots, limit)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])  # GQA, per-head norms and wide heads, a window

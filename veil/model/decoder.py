@@ -100,6 +100,12 @@ class DecoderStack:
         return Session(s.num_layers, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device,
                        limit=s.max_positions if limit is None else limit, capacity=capacity)
 
+    def new_pool(self, slots: int, limit: int) -> KVPool:
+        """A KV pool shaped for this stack: `slots` sessions of at most `limit` positions each."""
+        s = self.spec
+        return KVPool(slots, s.num_layers, s.num_kv_heads, s.head_dim, limit=limit, dtype=self.dtype,
+                      device=self.device)
+
     @classmethod
     def load(cls, bundle_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32, *,
              spec_name: str = CORE_SPEC, weights_name: str = CORE_WEIGHTS) -> "DecoderStack":
