@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from bench.split_vs_generate import MODEL_NAME, bench_split, bench_split_concurrent  # noqa: E402
+from bench.split_vs_generate import MODEL_NAME, _histogram_mean, bench_split, bench_split_concurrent  # noqa: E402
 from cloaking.checkpoint import bundled_model_path, load_checkpoint  # noqa: E402
 from cloaking.cloak import cloak, eos_ids  # noqa: E402
 from cloaking.secretbox import KeySource, create_key_file  # noqa: E402
@@ -67,10 +66,7 @@ def core_forward_ms(core_dir: Path, threads: int, context: int = 40, repeats: in
 
 def _batch_rows(metrics_url: str) -> tuple[float, float]:
     """(sum, count) of the core's rows-per-forward histogram."""
-    text = httpx.get(metrics_url + "/metrics").text
-    total = float(re.search(r"^veil_core_batch_tokens_sum (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
-    count = float(re.search(r"^veil_core_batch_tokens_count (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
-    return total, count
+    return _histogram_mean(httpx.get(metrics_url + "/metrics").text, "veil_core_batch_tokens")
 
 
 def measure(root: Path, key: Path, eos: list[int], tokens: int, wait_ms: float, threads: int) -> dict[str, float]:
