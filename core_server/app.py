@@ -109,7 +109,7 @@ def load_engine(settings: Settings) -> tuple[CoreEngine, int, int]:
             tensor_parallel_size=core.tensor_parallel_size, max_batch_tokens=core.max_batch_tokens)
         return engine, core.max_sessions, max_tokens
     device = _device(core.device)
-    stack = DecoderStack.load(bundle_dir, device, _dtype(core.dtype, device))
+    stack = DecoderStack.load(bundle_dir, device, _dtype(core.dtype, device), quantize=core.quantize)
     sessions = plan_kv(layers=spec.num_layers, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=stack.dtype,
                        max_tokens=max_tokens, max_sessions=core.max_sessions,
                        budget_bytes=core.kv_budget_bytes or int(AUTO_SHARE * free_bytes(device)))
@@ -144,8 +144,9 @@ def _load(state: CoreState) -> None:
         scheduler.start()
         state.scheduler = scheduler
         state.metrics.ready.set(1)
-        log.info("core ready engine=%s layers=%d dim=%d device=%s dtype=%s load_s=%.1f", engine.name, spec.num_layers,
-                 spec.hidden_size, engine.device, str(engine.dtype).removeprefix("torch."), time.perf_counter() - started)
+        log.info("core ready engine=%s layers=%d dim=%d device=%s dtype=%s quantize=%s load_s=%.1f", engine.name,
+                 spec.num_layers, spec.hidden_size, engine.device, str(engine.dtype).removeprefix("torch."),
+                 core.quantize, time.perf_counter() - started)
     except VeilError as exc:
         state.load_error = f"the core failed to start: {exc.message}"
         log.error("core failed to start: %s", exc.message)

@@ -62,6 +62,8 @@ class CoreSettings:
     bundle: str = ""  # core bundle dir; empty = bundle.core_dir
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    quantize: str = "none"  # none | int8: the native engine's blocks as int8 weights with per-row 8-bit activations
+    # (a float32 CPU core only; see veil/model/int8.py)
     engine: str = "native"  # native (Veil's own loop) | vllm (vLLM in the core's process; needs vLLM installed)
     python: str = ""  # interpreter `veil up` runs the core with (the vllm engine's own venv); empty = this one
     tensor_parallel_size: int = 1  # vllm engine: GPUs one model is split over
@@ -176,6 +178,11 @@ class Settings:
             raise ConfigError("core.device must be one of auto, cpu, cuda")
         if self.core.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError("core.dtype must be one of auto, float32, bfloat16, float16")
+        if self.core.quantize not in ("none", "int8"):
+            raise ConfigError("core.quantize must be none or int8")
+        if self.core.quantize != "none" and (self.core.engine != "native" or self.core.device == "cuda"
+                                             or self.core.dtype not in ("auto", "float32")):
+            raise ConfigError("core.quantize int8 runs on the native engine on a CPU with core.dtype float32 (or auto)")
         if self.core.engine not in ("native", "vllm"):
             raise ConfigError("core.engine must be native or vllm")
         if self.core.tensor_parallel_size < 1 or self.core.vllm_block_size < 0:

@@ -21,13 +21,21 @@ import torch.nn.functional as F
 from privacy_audit.knowledge import Knowledge, PublicModel, nearest_l2
 from privacy_audit.trace import Observed
 from veil.model.decoder import DecoderStack
+from veil.model.int8 import Int8Linear
+from veil.model.linear import Linear
+
+
+def _weight(projection: Linear | Int8Linear) -> torch.Tensor:
+    """A projection's float weight: the audit loads the core bundle's stack in float32, as the bundle holds it."""
+    assert isinstance(projection, Linear), "the audit reads a float stack, not an int8 one"
+    return projection.weight
 
 
 def _block_matrices(stack: DecoderStack) -> tuple[torch.Tensor, torch.Tensor]:
     """(M_in [rows, d], M_out [d, cols]): the first block's input-side and output-side weights."""
     layer = stack.layers[0]
-    m_in = torch.cat([layer.qkv.weight, layer.gate_up.weight]).double()  # W·diag(g)·Qᵀ
-    m_out = torch.cat([layer.o.weight, layer.down.weight], dim=1).double()  # Q·W
+    m_in = torch.cat([_weight(layer.qkv), _weight(layer.gate_up)]).double()  # W·diag(g)·Qᵀ
+    m_out = torch.cat([_weight(layer.o), _weight(layer.down)], dim=1).double()  # Q·W
     return m_in, m_out
 
 
@@ -59,7 +67,7 @@ def rotation_error(q_hat: torch.Tensor, q_true: torch.Tensor) -> float:
 def _kv_weights(stack: DecoderStack) -> torch.Tensor:
     """[2·KV·hd, d] the key and value rows of the first block's fused projection."""
     rows = stack.q_rows
-    return stack.layers[0].qkv.weight[rows:rows + 2 * stack.kv_rows]
+    return _weight(stack.layers[0].qkv)[rows:rows + 2 * stack.kv_rows]
 
 
 def _kv(stack: DecoderStack, x: torch.Tensor, eps: float) -> torch.Tensor:

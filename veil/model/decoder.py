@@ -15,17 +15,20 @@ import torch
 import torch.nn.functional as F
 
 from veil.bundle import CORE_SPEC, CORE_WEIGHTS, CoreSpec, load_tensors, read_core_spec
-from veil.errors import BundleError
+from veil.errors import BundleError, ConfigError
+from veil.model.int8 import Int8Linear, check_int8_support
 from veil.model.kv import KVPool, PooledSession, Segment, Session
 from veil.model.linear import Linear
+
+QUANTIZE = ("none", "int8")
 
 
 @dataclasses.dataclass(slots=True)
 class Layer:
-    qkv: Linear  # [(H + 2*KV) * hd, d]
-    o: Linear  # [d, H * hd]
-    gate_up: Linear  # [2 * I, d]
-    down: Linear  # [d, I]
+    qkv: Linear | Int8Linear  # [(H + 2*KV) * hd, d]
+    o: Linear | Int8Linear  # [d, H * hd]
+    gate_up: Linear | Int8Linear  # [2 * I, d]
+    down: Linear | Int8Linear  # [d, I]
     q_norm: torch.Tensor | None  # [hd]
     k_norm: torch.Tensor | None
     window: int | None
@@ -47,8 +50,18 @@ def _cat_opt(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
 class DecoderStack:
     """Runs all decoder layers of a core bundle; owns no sessions, writes into theirs."""
 
-    def __init__(self, spec: CoreSpec, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
-        self.spec, self.device, self.dtype = spec, device, dtype
+    def __init__(self, spec: CoreSpec, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
+                 quantize: str = "none"):
+        """`quantize` int8 holds the four projections of every block as `Int8Linear` (a float32 CPU stack only)."""
+        self.spec, self.device, self.dtype, self.quantize = spec, device, dtype, quantize
+        if quantize not in QUANTIZE:
+            raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}")
+        if quantize == "int8":
+            if device.type != "cpu" or dtype != torch.float32:
+                raise ConfigError("core.quantize int8 runs on a CPU with core.dtype float32 (or auto); "
+                                  "on a GPU, core.dtype bfloat16 halves the weights instead")
+            check_int8_support()
+        project = Int8Linear if quantize == "int8" else Linear
         self.groups = spec.num_heads // spec.num_kv_heads
         self.q_rows = spec.num_heads * spec.head_dim
         self.kv_rows = spec.num_kv_heads * spec.head_dim
@@ -63,12 +76,12 @@ class DecoderStack:
         for i in range(spec.num_layers):
             p = f"layers.{i}."
             self.layers.append(Layer(
-                qkv=Linear(torch.cat([get(p + x + ".weight") for x in "qkv"]),  # type: ignore[misc]
-                           _cat_opt([get(p + x + ".bias", False) for x in "qkv"])),
-                o=Linear(get(p + "o.weight"), get(p + "o.bias", False)),  # type: ignore[arg-type]
-                gate_up=Linear(torch.cat([get(p + "gate.weight"), get(p + "up.weight")]),  # type: ignore[list-item]
-                               _cat_opt([get(p + "gate.bias", False), get(p + "up.bias", False)])),
-                down=Linear(get(p + "down.weight"), get(p + "down.bias", False)),  # type: ignore[arg-type]
+                qkv=project(torch.cat([get(p + x + ".weight") for x in "qkv"]),  # type: ignore[misc]
+                            _cat_opt([get(p + x + ".bias", False) for x in "qkv"])),
+                o=project(get(p + "o.weight"), get(p + "o.bias", False)),  # type: ignore[arg-type]
+                gate_up=project(torch.cat([get(p + "gate.weight"), get(p + "up.weight")]),  # type: ignore[list-item]
+                                _cat_opt([get(p + "gate.bias", False), get(p + "up.bias", False)])),
+                down=project(get(p + "down.weight"), get(p + "down.bias", False)),  # type: ignore[arg-type]
                 q_norm=get(p + "q_norm.weight", False),
                 k_norm=get(p + "k_norm.weight", False),
                 window=spec.sliding_windows[i],
@@ -91,7 +104,7 @@ class DecoderStack:
         for name, present in facts.items():
             if getattr(s, name) != present:
                 raise BundleError(f"core bundle spec says {name}={getattr(s, name)} but its tensors disagree")
-        if s.num_layers and self.layers[0].down.weight.shape[1] != s.intermediate_size:
+        if s.num_layers and self.layers[0].down.in_features != s.intermediate_size:
             raise BundleError("core bundle spec's intermediate_size does not match its tensors")
 
     def new_session(self, limit: int | None = None, capacity: int = 0) -> Session:
@@ -108,9 +121,9 @@ class DecoderStack:
 
     @classmethod
     def load(cls, bundle_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32, *,
-             spec_name: str = CORE_SPEC, weights_name: str = CORE_WEIGHTS) -> "DecoderStack":
+             spec_name: str = CORE_SPEC, weights_name: str = CORE_WEIGHTS, quantize: str = "none") -> "DecoderStack":
         spec = read_core_spec(bundle_dir, spec_name)
-        return cls(spec, load_tensors(Path(bundle_dir) / weights_name), device, dtype)
+        return cls(spec, load_tensors(Path(bundle_dir) / weights_name), device, dtype, quantize)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # [N, hd/2] -> cos, sin [N, 1, hd], computed in float32 as the reference model does

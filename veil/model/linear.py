@@ -26,6 +26,10 @@ class Linear:
         # [2, in, out/2] views of the same storage: no copy
         self._halves = weight.view(2, out_features // 2, in_features).transpose(1, 2) if use_split else None
 
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x [N, in] -> [N, out]
         if self._halves is None or x.shape[0] > SPLIT_MAX_ROWS:

@@ -1,0 +1,118 @@
+"""core.quantize int8: FBGEMM int8 layers whose rows do not depend on what they are batched with.
+
+A shared core batches the rows of many sessions into one forward; an int8 layer that quantized the batch as a
+whole would make one session's output depend on another's. These tests hold the layer and the whole stack to
+bit-equality between a row run alone and the same row run in a batch.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from veil.errors import ConfigError
+from veil.model.decoder import DecoderStack
+from veil.model.int8 import Int8Linear, quantize_per_channel
+from veil.settings import load_settings
+
+
+def test_an_int8_layer_computes_the_float_product_within_quantization_error() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 64, generator=gen) * 0.05, torch.randn(96, generator=gen)
+    x = torch.randn(5, 64, generator=gen)
+    want = F.linear(x, w, b)
+    got = Int8Linear(w, b)(x)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert float((got - want).norm() / want.norm()) < 0.02
+
+
+def test_each_row_gets_the_same_result_alone_as_in_any_batch() -> None:
+    gen = torch.Generator().manual_seed(1)
+    layer = Int8Linear(torch.randn(128, 64, generator=gen) * 0.05)
+    # magnitudes six orders apart: a batch-wide activation scale would flatten the small rows to zero
+    x = torch.randn(6, 64, generator=gen) * torch.tensor([1e-3, 1.0, 1e3, 0.5, 40.0, 0.0])[:, None]
+    batched = layer(x)
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
+    assert torch.equal(batched, alone)
+    assert torch.equal(layer(x[[4, 0]]), batched[[4, 0]])
+    assert float(batched[0].norm()) > 0 and float(batched[5].abs().max()) == 0.0
+
+
+def test_the_searched_weight_scales_never_round_worse_than_the_plain_maximum() -> None:
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 256, generator=gen) * 0.02
+    w[:16, 7] *= 40  # outliers in half the rows, as rotated blocks still have a few
+    q, scale = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
+    plain = w.abs().amax(dim=1, keepdim=True) / 127
+    plain_err = (((w / plain).round() * plain - w) ** 2).sum(dim=1)
+    searched_err = ((q.float() * scale[:, None] - w) ** 2).sum(dim=1)
+    assert bool((searched_err <= plain_err * (1 + 1e-6)).all())
+    dequantized = q.float() * scale[:, None]
+    assert float((dequantized[16:] - w[16:]).norm() / w[16:].norm()) < 0.01
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])  # biases, per-head norms, a sliding window
+def test_an_int8_stack_batches_sessions_exactly_as_it_runs_them_alone(arch: str, tiny_bundles) -> None:
+    _, _, core = tiny_bundles[arch]
+    stack = DecoderStack.load(core, torch.device("cpu"), quantize="int8")
+    reference = DecoderStack.load(core, torch.device("cpu"))
+    assert isinstance(stack.layers[0].qkv, Int8Linear) and stack.quantize == "int8"
+    pool = stack.new_pool(4, 64)
+    gen = torch.Generator().manual_seed(0)
+    d = stack.spec.hidden_size
+    lengths = [5, 23, 1]
+    pooled = [pool.session() for _ in lengths]
+    alone = [stack.new_session(64) for _ in lengths]
+    for p, a, n in zip(pooled, alone, lengths):
+        x = torch.randn(n, d, generator=gen)
+        stack.step(x, [p.begin(0, n)])
+        stack.step(x, [a.begin(0, n)])
+    for round_ in range(3):
+        sizes = [3 if i == round_ else 1 for i in range(len(lengths))]
+        xs = [torch.randn(n, d, generator=gen) for n in sizes]
+        out = stack.step(torch.cat(xs), [s.begin(s.length, n) for s, n in zip(pooled, sizes)])
+        want = torch.cat([stack.step(x, [s.begin(s.length, x.shape[0])]) for s, x in zip(alone, xs)])
+        # the int8 layers are batch-invariant bit for bit; pooled attention sums in another order
+        assert torch.allclose(out, want, atol=1e-5, rtol=1e-5), (arch, round_, float((out - want).abs().max()))
+    gc.collect()
+    x = torch.randn(7, d, generator=gen)
+    full = reference.step(x, [reference.new_session(8).begin(0, 7)])
+    quant = stack.step(x, [stack.new_session(8).begin(0, 7)])
+    assert float((quant - full).norm() / full.norm()) < 0.1  # near the float32 stack, not equal to it
+
+
+def test_int8_is_refused_where_it_cannot_run() -> None:
+    assert load_settings(environ={}).core.quantize == "none"
+    assert load_settings(environ={"VEIL_CORE_QUANTIZE": "int8"}).core.quantize == "int8"
+    with pytest.raises(ConfigError, match="core.quantize must be none or int8"):
+        load_settings(environ={"VEIL_CORE_QUANTIZE": "int4"})
+    for extra in ({"VEIL_CORE_DTYPE": "bfloat16"}, {"VEIL_CORE_DEVICE": "cuda"}, {"VEIL_CORE_ENGINE": "vllm"}):
+        with pytest.raises(ConfigError, match="native engine on a CPU with core.dtype float32"):
+            load_settings(environ={"VEIL_CORE_QUANTIZE": "int8", **extra})
+
+
+def test_an_int8_stack_refuses_a_bfloat16_or_gpu_layout(tiny_bundles) -> None:
+    _, _, core = tiny_bundles["llama"]
+    with pytest.raises(ConfigError, match="runs on a CPU with core.dtype float32"):
+        DecoderStack.load(core, torch.device("cpu"), torch.bfloat16, quantize="int8")
+    with pytest.raises(ConfigError, match="quantize must be one of none, int8"):
+        DecoderStack.load(core, torch.device("cpu"), quantize="fp8")
+
+
+def test_a_core_configured_for_int8_serves_steps_from_int8_layers(tiny_bundles, tmp_path) -> None:
+    from core_server.app import load_engine
+    from core_server.engine import EngineStep
+
+    _, _, core = tiny_bundles["llama"]
+    settings = load_settings(environ={"VEIL_HOME": str(tmp_path), "VEIL_CORE_BUNDLE": str(core),
+                                      "VEIL_CORE_QUANTIZE": "int8", "VEIL_CORE_DEVICE": "cpu",
+                                      "VEIL_CORE_KV_BUDGET_BYTES": str(64 << 20)})
+    engine, _, max_tokens = load_engine(settings)
+    assert all(isinstance(layer.down, Int8Linear) for layer in engine.stack.layers)  # type: ignore[attr-defined]
+    state = engine.new_session(max_tokens)
+    (rows,) = engine.run([EngineStep(torch.randn(5, engine.spec.hidden_size), state.begin(0, 5), [-1])])
+    assert rows.dtype == torch.float32 and rows.shape == (1, engine.spec.hidden_size) and bool(rows.isfinite().all())

@@ -1,0 +1,96 @@
+"""Int8 linear layers for the core's folded blocks on a CPU (`core.quantize: int8`).
+
+A decode step reads every weight once, so on a CPU its time follows the weights' bytes. Torch's own
+weight-only int8 kernel (`aten._weight_int8pack_mm`) is 5-12x slower than float32 here
+(bench/weight_kernels.py), so this takes FBGEMM's dynamic int8 GEMM through torch's quantized ops: the
+activations are quantized to 8 bits on the fly and the product runs in integers, reading a quarter of
+float32's weight bytes.
+
+Two choices make it fit a shared core:
+- **Per-row activation scales, batch-invariant.** FBGEMM picks one activation range for the whole batch,
+  which would make one session's output depend on the rows of whoever shares its forward (irreproducible,
+  and a channel between tenants). Each row is first divided by its own largest magnitude, and a sentinel
+  row holding +1 and -1 pins the batch's range to [-1, 1]: every row is quantized by the same rule
+  whatever it is batched with, and its output is scaled back by its own magnitude.
+- **Weight scales that minimise rounding error.** Per output channel, the clipping ratio of max |w| that
+  gives the least squared error is searched; a few large weights then no longer coarsen the whole row.
+
+Torch deprecates the quantized tensor dtypes this API packs weights through (pytorch#184982); Veil pins
+torch 2.13, where FBGEMM's path is the fastest int8 GEMM torch ships for a CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+
+from veil.errors import ConfigError
+
+CLIP_RATIOS = torch.linspace(0.5, 1.0, 26)
+
+
+@functools.cache
+def _has_vnni() -> bool:
+    """Whether the CPU has VNNI dot products; without them FBGEMM's u8·s8 pairs can saturate 16 bits, so the
+    activations keep 7 bits (`reduce_range`)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def check_int8_support() -> None:
+    """Refuses early, with the reason, where torch has no FBGEMM backend to run int8 layers on."""
+    if not ({"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines)):
+        raise ConfigError("core.quantize int8 needs torch's FBGEMM backend (an x86 CPU); "
+                          f"this torch has {', '.join(torch.backends.quantized.supported_engines) or 'none'}")
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [out, in] float32 -> (int8 [out, in], scale [out]) with w ≈ q · scale, each row's clip searched."""
+    w = weight.float()
+    peak = w.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    best_q = torch.zeros_like(w, dtype=torch.int8)
+    best_scale = peak[:, 0] / 127
+    best_err = torch.full((w.shape[0],), float("inf"))
+    for ratio in CLIP_RATIOS:
+        scale = peak * ratio / 127
+        q = (w / scale).round().clamp(-127, 127)
+        err = ((q * scale - w) ** 2).sum(dim=1)
+        better = err < best_err
+        best_q[better], best_scale[better], best_err[better] = q[better].to(torch.int8), scale[better, 0], err[better]
+    return best_q, best_scale
+
+
+class Int8Linear:
+    """y = x·Wᵀ + b with W held as per-channel int8 and x quantized per row to 8 bits (7 without VNNI)."""
+
+    __slots__ = ("in_features", "out_features", "bias", "_packed", "_sentinel", "_reduce_range")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        if weight.device.type != "cpu":
+            raise ConfigError("core.quantize int8 runs on a CPU only")
+        self.out_features, self.in_features = weight.shape
+        q, scale = quantize_per_channel(weight)
+        zero = torch.zeros(self.out_features, dtype=torch.long)
+        with warnings.catch_warnings():  # the deprecation of quantized dtypes, named in the module's docstring
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch.quantize_per_channel(q.float() * scale[:, None], scale.double(), zero, 0, torch.qint8)
+        self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.bias = None if bias is None else bias.float()
+        # the row that pins every batch's activation range to [-1, 1] (needs in_features >= 2)
+        self._sentinel = torch.zeros(1, self.in_features)
+        self._sentinel[0, 0], self._sentinel[0, 1] = 1.0, -1.0
+        self._reduce_range = not _has_vnni()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x [N, in] float32 -> [N, out]
+        peak = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
+        y = torch.ops.quantized.linear_dynamic(torch.cat((x / peak, self._sentinel)), self._packed,
+                                               self._reduce_range)
+        y = y[:-1].mul_(peak)
+        return y if self.bias is None else y.add_(self.bias)
