@@ -3,8 +3,9 @@
 Both run in this one invocation, one after the other (Veil first), on the same machine with the same number of threads:
 (a) llama.cpp (`llama-cpp-python`) decoding the GGUF as it is shipped (SmolLM2-135M, Q4_1); (b) a real
 `veil core` and `veil edge` on loopback, the core and the edge each given the same thread count, serving the
-same file cloaked (Veil dequantizes it: its core runs float32, and has no int8 or int4 path yet). Greedy, a
-fixed count of tokens (end-of-sequence suppressed on both sides). Prints both and Veil ÷ llama.cpp.
+same file cloaked (Veil dequantizes it), with a float32 core; (c) the same with the core's blocks as int8
+(`core.quantize: int8`). Greedy, a fixed count of tokens (end-of-sequence suppressed on both sides). Prints
+each and Veil ÷ llama.cpp (issue 15's goal: int8 ÷ llama.cpp >= 0.5).
 
     make bench-llamacpp    # installs llama-cpp-python (built from source here) and runs this
     python bench/llamacpp.py [--tokens 64] [--threads 2] [--repeats 3]
@@ -33,10 +34,23 @@ from veil_cli.processes import VeilPair  # noqa: E402
 def bench_llamacpp(gguf: Path, tokens: int, threads: int, repeats: int) -> tuple[float, float]:
     """-> (time to first token s, decode tokens/s), the median of `repeats` greedy streams."""
     try:
+        import llama_cpp.llama_cpp as low
         from llama_cpp import Llama
     except ImportError:
         sys.exit("llama-cpp-python is not installed: run `make bench-llamacpp`")
+    # llama.cpp's AMX matmul (an "extra buffer type") crashes on a Sapphire Rapids VM for a prompt of more than one
+    # token (a segfault in ggml_backend_amx_mul_mat, 0.3.36); `Llama` does not expose the switch, so its default
+    # model parameters are wrapped. Q4_1 has no other extra buffer type on x86, so decoding is unchanged.
+    defaults = low.llama_model_default_params
+
+    def without_extra_buffers() -> low.llama_model_params:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = without_extra_buffers
     llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+    assert not llm.model_params.use_extra_bufts
     messages = [{"role": "user", "content": PROMPT}]
     bias = {llm.token_eos(): -100.0}  # like min_new_tokens: always the full count
 
@@ -60,6 +74,21 @@ def bench_llamacpp(gguf: Path, tokens: int, threads: int, repeats: int) -> tuple
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
+def bench_veil(root: Path, key: Path, eos: list[int], args: argparse.Namespace, quantize: str) -> tuple[float, float]:
+    """-> (time to first token s, decode tokens/s) of Veil's split path with `core.quantize` set, median of repeats."""
+    threads = str(args.threads)
+    pair = VeilPair(root / f"run-{quantize}", root / "edge", root / "core", key, MODEL_NAME,
+                    core_env={"VEIL_CORE_THREADS": threads, "VEIL_LOG_LEVEL": "warning",
+                              "VEIL_CORE_QUANTIZE": quantize},
+                    edge_env={"VEIL_EDGE_THREADS": threads})
+    try:
+        bench_split(pair.base_url, eos, 8)  # warm-up
+        runs = [bench_split(pair.base_url, eos, args.tokens) for _ in range(args.repeats)]
+    finally:
+        pair.stop()
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
@@ -75,23 +104,17 @@ def main() -> int:
         cloak(ckpt, root / "edge", root / "core", KeySource(key_file=key), MODEL_NAME, progress=False)
         eos = eos_ids(ckpt)
         del ckpt
-        threads = str(args.threads)
-        pair = VeilPair(root / "run", root / "edge", root / "core", key, MODEL_NAME,
-                        core_env={"VEIL_CORE_THREADS": threads, "VEIL_LOG_LEVEL": "warning"},
-                        edge_env={"VEIL_EDGE_THREADS": threads})
-        try:
-            bench_split(pair.base_url, eos, 8)  # warm-up
-            runs = [bench_split(pair.base_url, eos, args.tokens) for _ in range(args.repeats)]
-        finally:
-            pair.stop()
-    ttft_b, tok_b = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-    # llama.cpp second, once Veil's servers have stopped, in this process: nothing of it is left running for Veil
+        veil = {quantize: bench_veil(root, key, eos, args, quantize) for quantize in ("none", "int8")}
+    # llama.cpp last, once Veil's servers have stopped, in this process: nothing of it is left running for Veil
     ttft_a, tok_a = bench_llamacpp(gguf, args.tokens, args.threads, args.repeats)
     print(f"\n{gguf.name}, {args.tokens} tokens, {args.threads} threads, median of {args.repeats}")
-    print(f"{'':<34}{'first token':>14}{'decode':>14}")
-    print(f"{'(a) llama.cpp, the GGUF as shipped':<34}{ttft_a * 1000:>11.0f} ms{tok_a:>10.1f} tok/s")
-    print(f"{'(b) Veil split, float32 core':<34}{ttft_b * 1000:>11.0f} ms{tok_b:>10.1f} tok/s")
-    print(f"decode b/a = {tok_b / tok_a:.2f}")
+    print(f"{'':<38}{'first token':>14}{'decode':>14}")
+    rows = [("(a) llama.cpp, the GGUF as shipped", ttft_a, tok_a),
+            ("(b) Veil split, float32 core", *veil["none"]), ("(c) Veil split, int8 core", *veil["int8"])]
+    for name, ttft, tok in rows:
+        print(f"{name:<38}{ttft * 1000:>11.0f} ms{tok:>10.1f} tok/s")
+    print(f"decode b/a = {veil['none'][1] / tok_a:.2f}, c/a = {veil['int8'][1] / tok_a:.2f}, "
+          f"c/b = {veil['int8'][1] / veil['none'][1]:.2f}")
     return 0
 
 

@@ -4,7 +4,7 @@ Both run in this one invocation on the same model and machine: (a) `generate` in
 process; (b) a real `veil core` and `veil edge` on loopback ports, streamed over HTTP.
 Prints both, the ratio b/a, and where the split path spends each token.
 
-    python bench/split_vs_generate.py [--tokens 64] [--repeats 3] [--checkpoint PATH]
+    python bench/split_vs_generate.py [--tokens 64] [--repeats 3] [--checkpoint PATH] [--quantize int8]
 """
 
 from __future__ import annotations
@@ -141,6 +141,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams for the throughput part")
     parser.add_argument("--checkpoint", default=None, help="HF folder or GGUF (default: bundled SmolLM2)")
+    parser.add_argument("--quantize", default="none", choices=("none", "int8"), help="the core's core.quantize")
     parser.add_argument("--out", default="bench/results/split_vs_generate.json")
     args = parser.parse_args()
 
@@ -168,7 +169,8 @@ def main() -> int:
             else ckpt.model.generation_config.eos_token_id or []))
         d = ckpt.model.config.hidden_size
         del ckpt  # the servers hold their own copies; free this process's
-        pair = VeilPair(tmp_path, tmp_path / "edge", tmp_path / "core", key, MODEL_NAME)
+        pair = VeilPair(tmp_path, tmp_path / "edge", tmp_path / "core", key, MODEL_NAME,
+                        core_env={"VEIL_CORE_QUANTIZE": args.quantize})
         try:
             bench_split(pair.base_url, eos_ids, 4)  # warm-up
             before = httpx.get(pair.edge.url + "/metrics").text
@@ -184,7 +186,8 @@ def main() -> int:
     print("split path per token: " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()))
     print(f"{args.streams} concurrent streams: Veil {batch_b:.1f} tok/s in all (continuous batching) vs batched "
           f"generate {batch_a:.1f} tok/s: ratio {batch_b / batch_a:.2f}x")
-    result = {"tokens": args.tokens, "repeats": args.repeats, "generate": {"ttft_s": ttft_a, "decode_tok_s": tps_a},
+    result = {"tokens": args.tokens, "repeats": args.repeats, "quantize": args.quantize,
+              "generate": {"ttft_s": ttft_a, "decode_tok_s": tps_a},
               "split": {"ttft_s": ttft_b, "decode_tok_s": tps_b}, "decode_ratio": tps_b / tps_a,
               "ttft_ratio": ttft_a / ttft_b, "per_token_ms": costs,
               "concurrent": {"streams": args.streams, "generate_batch_tok_s": batch_a, "split_tok_s": batch_b,
