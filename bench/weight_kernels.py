@@ -4,7 +4,8 @@ Issue 15 asks for weight-only int8 (and int4 if it pays) through a maintained ke
 one run, one linear layer of SmolLM2-135M's folded blocks (the fused qkv, o, gate+up and down projections)
 at 1 row (one decode stream) and 16 rows, with float32 and bfloat16 weights, torch's weight-only int8
 matmul (`aten._weight_int8pack_mm`, per-channel scales) and its CPU int4 matmul
-(`aten._weight_int4pack_mm_for_cpu`, groups of 32). Each is printed as a multiple of float32's time, with
+(`aten._weight_int4pack_mm_for_cpu`, groups of 32), and the core's `core.quantize: int8` layer (`Int8Linear`:
+FBGEMM's int8 GEMM with per-row 8-bit activations). Each is printed as a multiple of float32's time, with
 its relative error against float32's output (which shows the quantized weights are read as meant). A
 multiple above 1 means the kernel is slower than the float32 it would replace. Each call reads the same
 weights, so they come from cache; that flatters float32 against a decode step's weights from memory, so
@@ -16,13 +17,18 @@ compare a slow kernel's time with its layer's float32 bytes over the memory band
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from veil.model.int8 import Int8Linear  # noqa: E402
 
 # SmolLM2-135M: hidden 576, 9 query and 3 key/value heads of 64, MLP 1536
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
@@ -58,6 +64,7 @@ def kernels(w: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], object]]
         "bfloat16": lambda: F.linear(xb, wb),
         "int8 weight-only": lambda: torch.ops.aten._weight_int8pack_mm(x, w8, scale),
         "int4 weight-only": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_zeros),
+        "int8 Int8Linear": functools.partial(Int8Linear(w), x),
     }
 
 
