@@ -7,15 +7,20 @@ picks the same next token at every prompt position, and fail if it drops below w
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from cloaking.secretbox import KeySource
+from core_server.engine import CoreEngine, EngineStep, NativeEngine
 from edge_proxy.chat_template import render_prompt
 from edge_proxy.edge_model import EdgeModel
 from privacy_audit.prompts import load_prompts
 from veil.errors import ConfigError
 from veil.model.decoder import DecoderStack
+from veil.model.int8 import Int8Linear
+from veil.model.kv import Positions, Session
 from veil.settings import load_settings
 
 
@@ -60,18 +65,33 @@ def test_int8_top1_agreement_with_float32_on_the_audit_prompts(smol_bundles, key
     assert agreement >= 0.85
 
 
-def test_a_core_configured_for_bfloat16_runs_its_stack_and_kv_in_it(tiny_bundles, tmp_path) -> None:
+def _cpu_engine(core: Path, home: Path, **env: str) -> tuple[CoreEngine, int, int]:
+    """The core's engine as `veil core` loads it, on the CPU with a small KV budget and the given settings."""
     from core_server.app import load_engine
-    from core_server.engine import EngineStep
 
-    _, _, core = tiny_bundles["qwen3"]
-    settings = load_settings(environ={"VEIL_HOME": str(tmp_path), "VEIL_CORE_BUNDLE": str(core),
-                                      "VEIL_CORE_DTYPE": "bfloat16", "VEIL_CORE_DEVICE": "cpu",
-                                      "VEIL_CORE_KV_BUDGET_BYTES": str(64 << 20)})
-    engine, sessions, max_tokens = load_engine(settings)
-    assert engine.dtype == torch.bfloat16 and sessions == settings.core.max_sessions
+    return load_engine(load_settings(environ={"VEIL_HOME": str(home), "VEIL_CORE_BUNDLE": str(core),
+                                              "VEIL_CORE_DEVICE": "cpu", "VEIL_CORE_KV_BUDGET_BYTES": str(64 << 20),
+                                              **env}))
+
+
+def _one_step(engine: CoreEngine, max_tokens: int) -> tuple[torch.Tensor, Positions]:
+    """A 5-row prefill on a fresh session -> (its last row, the session)."""
     state = engine.new_session(max_tokens)
-    x = torch.randn(5, engine.spec.hidden_size)
-    (rows,) = engine.run([EngineStep(x, state.begin(0, 5), [-1])])
-    assert rows.dtype == torch.float32 and rows.shape == (1, engine.spec.hidden_size)
-    assert state.parts[0].dtype == torch.bfloat16 and state.length == 5
+    (rows,) = engine.run([EngineStep(torch.randn(5, engine.spec.hidden_size), state.begin(0, 5), [-1])])
+    assert rows.dtype == torch.float32 and rows.shape == (1, engine.spec.hidden_size) and bool(rows.isfinite().all())
+    assert state.length == 5
+    return rows, state
+
+
+def test_a_core_configured_for_bfloat16_runs_its_stack_and_kv_in_it(tiny_bundles, tmp_path) -> None:
+    engine, sessions, max_tokens = _cpu_engine(tiny_bundles["qwen3"][2], tmp_path, VEIL_CORE_DTYPE="bfloat16")
+    assert engine.dtype == torch.bfloat16 and sessions == load_settings(environ={}).core.max_sessions
+    _, state = _one_step(engine, max_tokens)
+    assert isinstance(state, Session) and state.parts[0].dtype == torch.bfloat16
+
+
+def test_a_core_configured_for_int8_serves_steps_from_int8_layers(tiny_bundles, tmp_path) -> None:
+    engine, _, max_tokens = _cpu_engine(tiny_bundles["llama"][2], tmp_path, VEIL_CORE_QUANTIZE="int8")
+    assert isinstance(engine, NativeEngine) and engine.dtype == torch.float32
+    assert all(isinstance(layer.down, Int8Linear) for layer in engine.stack.layers)
+    _one_step(engine, max_tokens)

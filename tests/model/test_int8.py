@@ -7,8 +7,6 @@ bit-equality between a row run alone and the same row run in a batch.
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,30 +54,13 @@ def test_the_searched_weight_scales_never_round_worse_than_the_plain_maximum() -
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])  # biases, per-head norms, a sliding window
-def test_an_int8_stack_batches_sessions_exactly_as_it_runs_them_alone(arch: str, tiny_bundles) -> None:
+def test_an_int8_stack_stays_near_the_float32_one(arch: str, tiny_bundles) -> None:
+    # batching: tests/model/test_kv_pool.py runs its mixed batches on int8 stacks too
     _, _, core = tiny_bundles[arch]
     stack = DecoderStack.load(core, torch.device("cpu"), quantize="int8")
     reference = DecoderStack.load(core, torch.device("cpu"))
     assert isinstance(stack.layers[0].qkv, Int8Linear) and stack.quantize == "int8"
-    pool = stack.new_pool(4, 64)
-    gen = torch.Generator().manual_seed(0)
-    d = stack.spec.hidden_size
-    lengths = [5, 23, 1]
-    pooled = [pool.session() for _ in lengths]
-    alone = [stack.new_session(64) for _ in lengths]
-    for p, a, n in zip(pooled, alone, lengths):
-        x = torch.randn(n, d, generator=gen)
-        stack.step(x, [p.begin(0, n)])
-        stack.step(x, [a.begin(0, n)])
-    for round_ in range(3):
-        sizes = [3 if i == round_ else 1 for i in range(len(lengths))]
-        xs = [torch.randn(n, d, generator=gen) for n in sizes]
-        out = stack.step(torch.cat(xs), [s.begin(s.length, n) for s, n in zip(pooled, sizes)])
-        want = torch.cat([stack.step(x, [s.begin(s.length, x.shape[0])]) for s, x in zip(alone, xs)])
-        # the int8 layers are batch-invariant bit for bit; pooled attention sums in another order
-        assert torch.allclose(out, want, atol=1e-5, rtol=1e-5), (arch, round_, float((out - want).abs().max()))
-    gc.collect()
-    x = torch.randn(7, d, generator=gen)
+    x = torch.randn(7, stack.spec.hidden_size, generator=torch.Generator().manual_seed(0))
     full = reference.step(x, [reference.new_session(8).begin(0, 7)])
     quant = stack.step(x, [stack.new_session(8).begin(0, 7)])
     assert float((quant - full).norm() / full.norm()) < 0.1  # near the float32 stack, not equal to it
@@ -101,18 +82,3 @@ def test_an_int8_stack_refuses_a_bfloat16_or_gpu_layout(tiny_bundles) -> None:
         DecoderStack.load(core, torch.device("cpu"), torch.bfloat16, quantize="int8")
     with pytest.raises(ConfigError, match="quantize must be one of none, int8"):
         DecoderStack.load(core, torch.device("cpu"), quantize="fp8")
-
-
-def test_a_core_configured_for_int8_serves_steps_from_int8_layers(tiny_bundles, tmp_path) -> None:
-    from core_server.app import load_engine
-    from core_server.engine import EngineStep
-
-    _, _, core = tiny_bundles["llama"]
-    settings = load_settings(environ={"VEIL_HOME": str(tmp_path), "VEIL_CORE_BUNDLE": str(core),
-                                      "VEIL_CORE_QUANTIZE": "int8", "VEIL_CORE_DEVICE": "cpu",
-                                      "VEIL_CORE_KV_BUDGET_BYTES": str(64 << 20)})
-    engine, _, max_tokens = load_engine(settings)
-    assert all(isinstance(layer.down, Int8Linear) for layer in engine.stack.layers)  # type: ignore[attr-defined]
-    state = engine.new_session(max_tokens)
-    (rows,) = engine.run([EngineStep(torch.randn(5, engine.spec.hidden_size), state.begin(0, 5), [-1])])
-    assert rows.dtype == torch.float32 and rows.shape == (1, engine.spec.hidden_size) and bool(rows.isfinite().all())

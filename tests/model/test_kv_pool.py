@@ -17,10 +17,11 @@ def _pool(stack: DecoderStack, slots: int, limit: int = 64) -> KVPool:
     return stack.new_pool(slots, limit)
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8"])  # int8 layers quantize each row apart from its batch
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])  # GQA, per-head norms and wide heads, a window
-def test_mixed_batches_on_the_pool_equal_each_session_alone(arch: str, tiny_bundles) -> None:
+def test_mixed_batches_on_the_pool_equal_each_session_alone(arch: str, quantize: str, tiny_bundles) -> None:
     _, _, core = tiny_bundles[arch]
-    stack = DecoderStack.load(core, torch.device("cpu"))
+    stack = DecoderStack.load(core, torch.device("cpu"), quantize=quantize)
     pool = _pool(stack, 6)
     gen = torch.Generator().manual_seed(0)
     d = stack.spec.hidden_size
@@ -41,7 +42,8 @@ def test_mixed_batches_on_the_pool_equal_each_session_alone(arch: str, tiny_bund
         assert PooledDecode.of(segments, [0] * len(segments), stack) is not None  # the batched path runs
         out = stack.step(torch.cat(xs), segments)
         want = torch.cat([stack.step(x, [s.begin(s.length, x.shape[0])]) for s, x in zip(sessions_a, xs)])
-        assert torch.allclose(out, want, atol=1e-4, rtol=1e-4), (arch, round_, float((out - want).abs().max()))
+        assert torch.allclose(out, want, atol=1e-4, rtol=1e-4), (arch, quantize, round_,
+                                                                  float((out - want).abs().max()))
         del fresh_p, segments
         gc.collect()
     assert all(p.length == a.length for p, a in zip(pooled, alone))
