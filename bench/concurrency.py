@@ -10,7 +10,7 @@ First it times the core's decode forward alone, in this process, at 1, 4 and 16 
 streams can gain is what a forward of 16 rows costs against one of 1, before the edge's share of the same
 CPU is counted.
 
-    python bench/concurrency.py [--tokens 48] [--wait-ms 10] [--threads 0] [--quantize int8]
+    python bench/concurrency.py [--tokens 48] [--wait-ms 10] [--threads 0] [--quantize int8] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ from veil_cli.processes import VeilPair  # noqa: E402
 STREAMS = (1, 4, 16)
 
 
-def core_forward_ms(core_dir: Path, threads: int, quantize: str = "none", context: int = 40,
-                    repeats: int = 30) -> dict[int, float]:
+def core_forward_ms(core_dir: Path, threads: int, quantize: str = "none", dtype: str = "float32",
+                    context: int = 40, repeats: int = 30) -> dict[int, float]:
     """Median ms of one decode forward of the core's stack alone, per batch size (rows at `context`)."""
     if threads:
         torch.set_num_threads(threads)
-    stack = DecoderStack.load(core_dir, torch.device("cpu"), quantize=quantize)
+    stack = DecoderStack.load(core_dir, torch.device("cpu"), getattr(torch, dtype), quantize=quantize)
     s = stack.spec
     gen = torch.Generator().manual_seed(0)
     out = {}
@@ -71,9 +71,9 @@ def _batch_rows(metrics_url: str) -> tuple[float, float]:
 
 
 def measure(root: Path, key: Path, eos: list[int], tokens: int, wait_ms: float, threads: int,
-            quantize: str = "none") -> dict[str, float]:
+            quantize: str = "none", dtype: str = "float32") -> dict[str, float]:
     env = {"VEIL_CORE_MAX_SESSIONS": "32", "VEIL_LOG_LEVEL": "warning", "VEIL_CORE_BATCH_WAIT_MS": str(wait_ms),
-           "VEIL_CORE_THREADS": str(threads), "VEIL_CORE_QUANTIZE": quantize}
+           "VEIL_CORE_THREADS": str(threads), "VEIL_CORE_QUANTIZE": quantize, "VEIL_CORE_DTYPE": dtype}
     home = root / f"wait-{wait_ms:g}"
     home.mkdir()
     pair = VeilPair(home, root / "edge", root / "core", key, MODEL_NAME, core_env=env)
@@ -96,6 +96,7 @@ def main() -> int:
     parser.add_argument("--wait-ms", type=float, default=10.0, help="core.batch_wait_ms to compare with 0")
     parser.add_argument("--threads", type=int, default=0, help="core.threads (0 = torch's default)")
     parser.add_argument("--quantize", default="none", choices=("none", "int8"), help="the core's core.quantize")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the core's core.dtype")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -105,12 +106,12 @@ def main() -> int:
         cloak(ckpt, root / "edge", root / "core", KeySource(key_file=key), MODEL_NAME, progress=False)
         eos = eos_ids(ckpt)
         del ckpt
-        alone = core_forward_ms(root / "core", args.threads, args.quantize)
+        alone = core_forward_ms(root / "core", args.threads, args.quantize, args.dtype)
         print("the core alone, one decode forward: " + ", ".join(
             f"{rows} rows {ms:.1f} ms" for rows, ms in alone.items())
             + f"; at most {16 * alone[1] / alone[16]:.2f}x from 16 streams over 1")
         torch.set_num_threads(1)  # the clients' process: keep its torch out of the servers' way
-        results = {wait: measure(root, key, eos, args.tokens, wait, args.threads, args.quantize)
+        results = {wait: measure(root, key, eos, args.tokens, wait, args.threads, args.quantize, args.dtype)
                    for wait in (0.0, args.wait_ms)}
     print(f"\n{'figure':<24}" + "".join(f"{f'wait {w:g} ms':>14}" for w in results))
     for name in results[0.0]:
