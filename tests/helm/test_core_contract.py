@@ -95,6 +95,7 @@ def test_core_loads_the_rendered_settings(variant: str) -> None:
     assert settings.core.bundle == bundle_mount["mountPath"]
     values = VARIANTS[variant].get("core", {})
     assert settings.core.device == values.get("device", "cuda")
+    assert (settings.core.dtype, settings.core.quantize) == (values.get("dtype", "auto"), values.get("quantize", "none"))
     assert settings.core.max_sessions == values.get("maxSessions", 64)
     assert settings.core.locker_after_seconds == values.get("lockerAfterSeconds", 30)
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
@@ -157,6 +158,8 @@ def test_settings_the_core_rejects_fail_at_install_instead() -> None:
     for values in (
         {"core": {"maxSessions": 0}},
         {"core": {"device": "tpu"}},
+        {"core": {"quantize": "int4"}},
+        {"core": {"dtype": "int8"}},
         {"core": {"port": 0}},
         {"core": {"lockerAfterSeconds": 0}},
         {"locker": {"enabled": True, "ttlSeconds": 0}},

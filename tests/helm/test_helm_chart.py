@@ -229,6 +229,11 @@ def test_negative_replicas_fail_install_render_and_lint() -> None:
             {"core": {"engine": "vllm", "device": "cpu"}, "gpu": {"enabled": False}},
             "core.engine is vllm but gpu.enabled is false",
         ),
+        ({"core": {"quantize": "int8"}}, "core.quantize is int8, which runs on the native engine on a CPU"),
+        (
+            {"core": {"quantize": "int8", "device": "cpu", "dtype": "bfloat16"}, "gpu": {"enabled": False}},
+            "core.quantize is int8, which runs on the native engine on a CPU",
+        ),
     ],
 )
 def test_cross_field_mistakes_fail_with_a_clear_message(values: dict, message: str) -> None:

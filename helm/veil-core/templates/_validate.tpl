@@ -61,6 +61,9 @@
 {{- if and (not $v.gpu.enabled) (eq $v.core.device "cuda") }}
 {{- fail "core.device is \"cuda\" but gpu.enabled is false: set core.device to cpu or auto" }}
 {{- end }}
+{{- if and (eq $v.core.quantize "int8") (or (ne $v.core.device "cpu") (ne $v.core.engine "native") (not (has $v.core.dtype (list "auto" "float32")))) }}
+{{- fail "core.quantize is int8, which runs on the native engine on a CPU in float32: set core.device to cpu, core.engine to native and core.dtype to auto or float32, or core.quantize to none" }}
+{{- end }}
 {{- $tp := int64 $v.core.tensorParallelSize }}
 {{- if and (gt $tp 1) (ne $v.core.engine "vllm") }}
 {{- fail (printf "core.tensorParallelSize is %d but core.engine is %q: only the vllm engine splits a model over GPUs (set core.engine to vllm, or tensorParallelSize to 1)" $tp $v.core.engine) }}
