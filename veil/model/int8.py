@@ -1,8 +1,8 @@
 """Int8 linear layers for the core's folded blocks on a CPU (`core.quantize: int8`).
 
 A decode step reads every weight once, so on a CPU its time follows the weights' bytes. Torch's own
-weight-only int8 kernel (`aten._weight_int8pack_mm`) is 5-12x slower than float32 here
-(bench/weight_kernels.py), so this takes FBGEMM's dynamic int8 GEMM through torch's quantized ops: the
+weight-only int8 kernel (`aten._weight_int8pack_mm`) is 4.6-15x slower than float32 for one row and 17-25x
+for 16 here (bench/weight_kernels.py), so this takes FBGEMM's dynamic int8 GEMM through torch's quantized ops: the
 activations are quantized to 8 bits on the fly and the product runs in integers, reading a quarter of
 float32's weight bytes.
 
