@@ -267,6 +267,8 @@ async def info(state: CoreState) -> dict[str, Any]:
         "bundle_id": spec.bundle_id,
         "hidden_size": spec.hidden_size,
         "max_tokens_per_session": scheduler.table.max_tokens,
+        "max_result_rows": state.settings.core.max_result_rows,
+        "verifies_drafts": scheduler.engine.verifies_drafts,
     }
 
 

@@ -34,6 +34,7 @@ class CoreEngine(Protocol):
     device: torch.device
     dtype: torch.dtype
     rows_computed: int  # rows run through the blocks so far (a prefix cache spares the rest)
+    verifies_drafts: bool  # a step that wants every new row costs about what its last row alone does
 
     def new_session(self, limit: int) -> Positions:
         """An empty state for a session of at most `limit` positions."""
@@ -55,6 +56,7 @@ class NativeEngine:
     rows' attention in one call per layer, a prefill's attention per session."""
 
     name = "native"
+    verifies_drafts = True  # every row's state is computed anyway: an edge may send draft tokens to verify
 
     def __init__(self, stack: DecoderStack, sessions: int, limit: int):
         self.stack, self.spec, self.device, self.dtype = stack, stack.spec, stack.device, stack.dtype

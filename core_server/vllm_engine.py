@@ -62,6 +62,7 @@ class VllmEngine:
     pooling requests that vLLM schedules together (continuous batching over sessions)."""
 
     name = "vllm"
+    verifies_drafts = False  # a step that wants rows before its last recomputes the whole sequence (see _submit)
 
     def __init__(self, spec: CoreSpec, hf_dir: Path, *, device: torch.device, dtype: torch.dtype, max_tokens: int,
                  max_sessions: int,

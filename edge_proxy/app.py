@@ -114,7 +114,8 @@ def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None 
     edge_metrics = EdgeMetrics()
     transport = core or transport_from_settings(settings, edge_metrics)
     plane = plane or build_plane(settings)
-    engine = Engine(model, transport, edge_metrics, settings.edge.default_max_tokens)
+    engine = Engine(model, transport, edge_metrics, settings.edge.default_max_tokens,
+                    speculative_tokens=settings.edge.speculative_tokens)
     state = EdgeState({"settings": settings, "model": model, "core": transport, "engine": engine,
                        "metrics": edge_metrics, "plane": plane,
                        "gate": Gatekeeper(plane, edge_metrics, _sessions(settings), settings.privacy.ner_model),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -12,10 +13,11 @@ import anyio
 import torch
 
 from edge_proxy.core_client import CoreTransport
+from edge_proxy.drafts import NgramDrafter
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.generation import Generation, Status
 from edge_proxy.head_batch import HeadBatcher
-from edge_proxy.logprobs import prompt_logprobs, token_logprob
+from edge_proxy.logprobs import TokenLogprob, prompt_logprobs, token_logprob
 from edge_proxy.metrics import EdgeMetrics
 from edge_proxy.outgoing import OutgoingStates
 from edge_proxy.reply_text import ReplyText
@@ -29,10 +31,13 @@ log = logging.getLogger("veil.edge.generate")
 class Engine:
     """Generates for many requests at once; each request holds its own core session."""
 
-    def __init__(self, model: EdgeModel, core: CoreTransport, metrics: EdgeMetrics, default_max_tokens: int = 0):
+    def __init__(self, model: EdgeModel, core: CoreTransport, metrics: EdgeMetrics, default_max_tokens: int = 0,
+                 speculative_tokens: int = 0):
         self.model, self.core, self.metrics = model, core, metrics
         self.head = HeadBatcher(model, metrics)  # one LM-head GEMM per tick for all streams
         self.default_max_tokens = default_max_tokens
+        self.speculative_tokens = speculative_tokens  # as configured (edge.speculative_tokens)
+        self.draft_limit = 0  # drafts per step the verified core takes: set by connect()
         self.context_limit: int | None = None  # known once the core is verified; None means "ask it"
 
     async def connect(self) -> int:
@@ -46,9 +51,23 @@ class Engine:
         core_limit = info.get("max_tokens_per_session")
         if core_limit is not None and (not isinstance(core_limit, int) or core_limit < 1):
             raise CoreProtocolError("the core's /v1/info gives no usable max_tokens_per_session")
+        self.draft_limit = self._draft_limit(info)
         self.context_limit = min(self.model.spec.max_positions, core_limit or 1 << 30)
-        log.info("core verified context_limit=%d", self.context_limit)
+        log.info("core verified context_limit=%d draft_limit=%d", self.context_limit, self.draft_limit)
         return self.context_limit
+
+    def _draft_limit(self, info: dict) -> int:
+        """Draft tokens per step: as configured, within what the core returns per step, none if it cannot."""
+        if self.speculative_tokens == 0:
+            return 0
+        if info.get("verifies_drafts") is not True:
+            log.warning("edge.speculative_tokens=%d is not used: this core's engine recomputes a whole sequence "
+                        "to return a step's draft rows", self.speculative_tokens)
+            return 0
+        rows = info.get("max_result_rows")
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+            raise CoreProtocolError("the core's /v1/info gives no usable max_result_rows")
+        return min(self.speculative_tokens, rows - 1)
 
     def budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """New tokens allowed for this prompt, or a 400 naming the limit."""
@@ -94,19 +113,36 @@ class Engine:
             # The core lost the session (idle expiry, restart): the edge has the history, so re-prefill.
             log.warning("core session lost; re-prefilling rid=%s tokens=%d", rid, len(history))
             self.metrics.reprefills.inc()
-            hidden = await self._send(outgoing, session, 0, history, rid)
+            hidden = await self._send(outgoing, session, 0, history, rid, want)  # decode steps want rows from the end
         self.metrics.step_roundtrip.observe(time.perf_counter() - started)
         return hidden
 
-    def _choose(self, logits: torch.Tensor, sampler: Sampler, gen: Generation) -> int:
+    def _choose(self, logits: torch.Tensor, sampler: Sampler, gen: Generation) -> tuple[int, TokenLogprob | None]:
         """The grammar's mask, sampling; the token's log-probability when asked (in the head's worker thread)."""
         token = sampler.sample(logits, None if gen.constraint is None else gen.constraint.allowed())
+        logprob = None
         if token not in self.model.eos_ids:
             if gen.logprobs is not None:
-                gen.token_logprobs.append(token_logprob(logits, token, gen.logprobs))
+                logprob = token_logprob(logits, token, gen.logprobs)
             if gen.constraint is not None:
                 gen.constraint.advance(token)
-        return token
+        return token, logprob
+
+    def _verify(self, logits: torch.Tensor, drafts: list[int], sampler: Sampler,
+                gen: Generation) -> list[tuple[int, TokenLogprob | None]]:
+        """[1 + len(drafts), V] logits -> the tokens this step gives, in order.
+
+        Row i is the state after drafts[:i]. Each row is sampled as plain decoding would sample it, and the
+        next row is read only while the token drawn is the draft that row assumed. The draft is fixed, so
+        this keeps the sampler's distribution exactly (and greedy output, and a seed's draws, one per token)."""
+        chosen = []
+        for i, row in enumerate(logits):
+            token, logprob = self._choose(row, sampler, gen)
+            chosen.append((token, logprob))
+            if (i == len(drafts) or token != drafts[i] or token in self.model.eos_ids
+                    or (gen.constraint is not None and gen.constraint.complete)):
+                break
+        return chosen
 
     def _prefilled(self, rows: torch.Tensor, gen: Generation) -> torch.Tensor:
         """The prefill's rows -> the state after the prompt; the prompt's log-probabilities when asked."""
@@ -151,27 +187,50 @@ class Engine:
                       hidden: torch.Tensor) -> AsyncIterator[str]:
         sampler = Sampler(gen.sampling, self.model.vocab_size)
         reply = ReplyText(self.model.tokenizer, gen.prompt_ids, gen.stops, gen.restorer, gen.output_gate)
-        history, offset = list(gen.prompt_ids), len(gen.prompt_ids)
+        history = list(gen.prompt_ids)
         gen.status = Status.RUNNING
         reason = "stop"  # EOS or a completed grammar, unless the token limit or the reply text ends it first
         ended: str | None = None  # set when the reply text itself ends the reply (a stop string, an output rule)
+        drafter = NgramDrafter(history) if self.draft_limit else None
+        rows, drafts = hidden[None], []  # the states to sample from, and the drafts they verify
         try:
             while True:
-                token = await self.head.run(hidden, lambda logits: self._choose(logits, sampler, gen))
-                gen.add_token(token)
-                if token in self.model.eos_ids:
+                chosen = await self.head.run(rows, functools.partial(self._verify, drafts=drafts, sampler=sampler,
+                                                                     gen=gen))
+                if drafts:
+                    self.metrics.draft_tokens.labels("accepted").inc(len(chosen) - 1)
+                    self.metrics.draft_tokens.labels("rejected").inc(len(drafts) + 1 - len(chosen))
+                done = False
+                for i, (token, logprob) in enumerate(chosen):
+                    gen.add_token(token)
+                    if token in self.model.eos_ids:
+                        done = True
+                        break
+                    if logprob is not None:
+                        gen.token_logprobs.append(logprob)
+                    history.append(token)
+                    text, ended = reply.push(token)
+                    if text:
+                        yield text
+                    # _verify stops at a completed grammar, so only the last token can complete it
+                    if ended is not None or (i == len(chosen) - 1 and gen.constraint is not None
+                                             and gen.constraint.complete):
+                        done = True
+                        break
+                    if not gen.room_left:
+                        reason, done = "length", True
+                        break
+                if done:
                     break
-                history.append(token)
-                text, ended = reply.push(token)
-                if text:
-                    yield text
-                if ended is not None or (gen.constraint is not None and gen.constraint.complete):
-                    break
-                if not gen.room_left:
-                    reason = "length"
-                    break
-                hidden = (await self._step(outgoing, session, offset, [token], history, gen.request_id))[-1]
-                offset += 1
+                drafts = []
+                if drafter is not None:
+                    drafter.extend(history[len(drafter.tokens):])
+                    drafts = drafter.propose(min(self.draft_limit, gen.max_new_tokens - gen.completion_tokens - 1))
+                # the last token, then the drafts after it: a state back for each (the core drops rejected rows
+                # of the last step, as it starts this one where they began)
+                pending = [history[-1], *drafts]
+                rows = await self._step(outgoing, session, len(history) - 1, pending, history + drafts,
+                                        gen.request_id, list(range(-len(pending), 0)))
             if ended is None:  # EOS, the grammar or the token limit: release what the pipeline still holds
                 tail, ended = reply.finish()
                 if tail:

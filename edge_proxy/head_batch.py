@@ -24,8 +24,8 @@ T = TypeVar("T")
 
 @dataclasses.dataclass(slots=True)
 class _Waiting:
-    hidden: torch.Tensor  # [d]
-    then: Callable[[torch.Tensor], Any]  # [V] logits -> the stream's result, run in the worker thread
+    rows: torch.Tensor  # [r, d]: one stream's rows (more than one when it verifies draft tokens)
+    then: Callable[[torch.Tensor], Any]  # [r, V] logits -> the stream's result, run in the worker thread
     future: asyncio.Future[Any]
 
 
@@ -37,10 +37,11 @@ class HeadBatcher:
         self._waiting: list[_Waiting] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def run(self, hidden: torch.Tensor, then: Callable[[torch.Tensor], T]) -> T:
-        """`then(logits)` for this row's [V] logits, computed in the next tick's GEMM."""
+    async def run(self, rows: torch.Tensor, then: Callable[[torch.Tensor], T]) -> T:
+        """`then(logits)` for these [r, d] rows' [r, V] logits, computed in the next tick's GEMM."""
+        assert rows.dim() == 2
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(hidden, then, future))
+        self._waiting.append(_Waiting(rows, then, future))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain())
         return await future
@@ -65,13 +66,13 @@ class HeadBatcher:
 
     def _tick(self, batch: list[_Waiting]) -> list[tuple[bool, Any]]:
         started = time.perf_counter()
-        logits = self.model.logits_rows(torch.stack([w.hidden for w in batch]))
+        logits = self.model.logits_rows(torch.cat([w.rows for w in batch]))
         out: list[tuple[bool, Any]] = []
-        for w, row in zip(batch, logits):
+        for w, rows in zip(batch, logits.split([w.rows.shape[0] for w in batch])):
             try:
-                out.append((True, w.then(row)))
+                out.append((True, w.then(rows)))
             except Exception as exc:  # one stream's follow-up failing is that stream's error only
                 out.append((False, exc))
         self.metrics.head.observe(time.perf_counter() - started)
-        self.metrics.head_batch_rows.observe(len(batch))
+        self.metrics.head_batch_rows.observe(logits.shape[0])
         return out

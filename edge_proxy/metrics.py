@@ -47,5 +47,9 @@ class EdgeMetrics:
                                   registry=r)
         self.head = Histogram("veil_edge_head_seconds", "Final norm, LM head and sampling per tick (one GEMM for "
                               "every stream waiting for a token)", registry=r, buckets=_FAST)
-        self.head_batch_rows = Histogram("veil_edge_head_batch_rows", "Streams served by one LM-head tick",
+        self.draft_tokens = Counter("veil_edge_draft_tokens_total",
+                                    "Draft tokens sent to the core for verification, by whether the sampler kept them",
+                                    ["outcome"], registry=r)
+        self.head_batch_rows = Histogram("veil_edge_head_batch_rows", "Rows (a row per stream, more when it "
+                                         "verifies drafts) served by one LM-head tick",
                                          registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128))

@@ -7,7 +7,9 @@ clipping is rotation-invariant, so Q·clip(x) + n' equals Q·(clip(x) + n) in la
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import secrets
+import struct
 
 import torch
 
@@ -37,7 +39,11 @@ class SpanNoise:
 class OutgoingStates:
     """One request's outgoing stream; keeps the edge-held blocks' KV cache between calls, and every row
     it has sent, so that a re-prefill resends the very same rows (a fresh noise draw for the same
-    tokens would hand the core operator a second independent sample to average)."""
+    tokens would hand the core operator a second independent sample to average).
+
+    For the same reason each row's noise is a function of the request's noise key, its position and its
+    token: a position sent again with the same token after other tokens were tried there (rejected
+    draft tokens, another choice of the same prompt) carries the draw it carried the first time."""
 
     def __init__(self, model: EdgeModel, noise: NoiseSpec, generator: torch.Generator | None = None,
                  span_noise: SpanNoise | None = None):
@@ -46,6 +52,8 @@ class OutgoingStates:
         self.span_sigma = 0.0 if span_noise is None else max(self.sigma, span_noise.rho * model.embedding_rms)
         # fresh per request; tests pass a seeded generator
         self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
+        self._noise_key = bytes(torch.randint(0, 256, (32,), generator=self.generator).tolist())
+        self._row_generator = torch.Generator()
         stack = model.edge_stack
         self.session = None if stack is None else stack.new_session(model.spec.max_positions)
         self._ids: list[int] = []  # the token at each position sent so far
@@ -73,12 +81,21 @@ class OutgoingStates:
             x = x * torch.clamp(self.noise.clip / norms, max=1.0)
         sigma = self._sigmas(len(ids), offset)
         if sigma is not None:
-            x = x + sigma * torch.randn(x.shape, generator=self.generator)
+            x = x + sigma * self._noise(ids, offset)
         if self.session is None:
             return x
         stack = self.model.edge_stack
         assert stack is not None
         return stack.step(x, [self.session.begin(offset, len(ids))])
+
+    def _noise(self, ids: list[int], offset: int) -> torch.Tensor:
+        """[n, d] standard normal rows, each drawn from a seed keyed by (position, token)."""
+        rows = []
+        for i, token in enumerate(ids):
+            seed = hashlib.blake2b(struct.pack("<qq", offset + i, token), key=self._noise_key, digest_size=8).digest()
+            self._row_generator.manual_seed(int.from_bytes(seed, "little") >> 1)
+            rows.append(torch.randn(self.model.spec.hidden_size, generator=self._row_generator))
+        return torch.stack(rows)
 
     def _keep(self, ids: list[int], rows: torch.Tensor) -> None:
         end = len(self._ids) + len(ids)

@@ -42,7 +42,8 @@ class InProcessCore:
         self.table.close(session)
 
     async def info(self) -> dict[str, Any]:
-        return {"bundle_id": self.stack.spec.bundle_id, "max_tokens_per_session": self.stack.spec.max_positions}
+        return {"bundle_id": self.stack.spec.bundle_id, "max_tokens_per_session": self.stack.spec.max_positions,
+                "max_result_rows": 64, "verifies_drafts": True}
 
     async def aclose(self) -> None:
         pass

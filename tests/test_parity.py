@@ -43,8 +43,10 @@ def _until_eos(ids: list[int], eos: frozenset[int]) -> list[int]:
     return ids
 
 
-async def _veil_greedy(model: EdgeModel, transport: HttpCoreTransport, prompt_ids: list[int], n: int) -> list[int]:
-    engine = Engine(model, transport, EdgeMetrics())
+async def _veil_greedy(model: EdgeModel, transport: HttpCoreTransport, prompt_ids: list[int], n: int,
+                       drafts: int = 0) -> tuple[list[int], int]:
+    """-> the greedy tokens, and the drafts per step the core took."""
+    engine = Engine(model, transport, EdgeMetrics(), speculative_tokens=drafts)
     gen = Generation("parity", prompt_ids, n, SamplingParams(temperature=0.0))
     try:
         await engine.connect()
@@ -52,7 +54,7 @@ async def _veil_greedy(model: EdgeModel, transport: HttpCoreTransport, prompt_id
             pass
     finally:
         await transport.aclose()
-    return gen.output_ids
+    return gen.output_ids, engine.draft_limit
 
 
 def _check_pair(ckpt, pair: VeilPair, edge_model: EdgeModel, model_name: str, prompts: list[str], n: int) -> None:
@@ -60,8 +62,12 @@ def _check_pair(ckpt, pair: VeilPair, edge_model: EdgeModel, model_name: str, pr
     for prompt in prompts:
         prompt_ids = render_prompt(ckpt.tokenizer, _messages(prompt))
         want = _until_eos(reference_greedy(ckpt, prompt_ids, n), edge_model.eos_ids)
-        got = asyncio.run(_veil_greedy(edge_model, pair.core_transport(), prompt_ids, n))
+        got, _ = asyncio.run(_veil_greedy(edge_model, pair.core_transport(), prompt_ids, n))
         assert got == want, f"token mismatch for prompt #{prompts.index(prompt)}"
+        # speculative decoding (drafts verified by the core in one step) gives the same tokens; the vllm
+        # engine does not verify drafts, and its edge decodes plainly
+        drafted, limit = asyncio.run(_veil_greedy(edge_model, pair.core_transport(), prompt_ids, n, drafts=4))
+        assert drafted == want and limit == (4 if pair.core_engine == "native" else 0)
         text = ckpt.tokenizer.decode([t for t in want if t not in edge_model.eos_ids], skip_special_tokens=True)
         kwargs = dict(model=model_name, messages=_messages(prompt), temperature=0, max_tokens=n)
         assert client.chat.completions.create(**kwargs).choices[0].message.content == text

@@ -37,6 +37,9 @@ class BundleSettings:
     passphrase: str = ""  # alternative to key_file (scrypt); set via VEIL_BUNDLE_PASSPHRASE
 
 
+MAX_SPECULATIVE_TOKENS = 16  # more drafts than this cost more core time than they can win on a decode step
+
+
 @dataclasses.dataclass(slots=True)
 class EdgeSettings:
     host: str = "127.0.0.1"
@@ -53,6 +56,8 @@ class EdgeSettings:
     max_concurrent_per_key: int = 0  # concurrent generations per key unless the key sets its own; 0 = no cap
     key_session_share: float = 0.5  # most of max_sessions one key takes while another key wants some
     admission_wait_seconds: float = 30.0  # how long a request waits for a free session before a 503
+    speculative_tokens: int = 0  # draft tokens per decode step, looked up in the request's own tokens; 0 = off
+    # (same reply in fewer steps; the core learns how many drafts each step kept: see README "Speculative decoding")
 
 
 @dataclasses.dataclass(slots=True)
@@ -165,6 +170,8 @@ class Settings:
                 or e.admission_wait_seconds < 0:
             raise ConfigError("edge.max_sessions must be >= 1, edge.max_concurrent_per_key >= 0, "
                               "edge.key_session_share in (0, 1] and edge.admission_wait_seconds >= 0")
+        if not 0 <= e.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(f"edge.speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}]")
         if self.core.max_sessions < 1 or self.core.max_tokens_per_session < 1:
             raise ConfigError("core.max_sessions and core.max_tokens_per_session must be >= 1")
         if self.core.max_result_rows < 1 or self.core.max_queued_steps < 1 or self.core.kv_budget_bytes < 0 \

@@ -103,6 +103,7 @@ class VeilPair:
         self.wiring = enroll_locally(tmp / "core.key", tmp / "edge.key", tmp / "allowed_edges.yaml", 64)
         common = {"VEIL_BUNDLE_KEY_FILE": str(key_file), "VEIL_MODEL_NAME": model_name, **self.wiring}
         core_env = {"VEIL_CORE_METRICS_PORT": self.metrics_url.rsplit(":", 1)[1], **(core_env or {})}
+        self.core_engine = core_env.get("VEIL_CORE_ENGINE", "native")
         self.core = Server("core", base_env(tmp, VEIL_CORE_PORT=str(core_port), VEIL_CORE_BUNDLE=str(core_bundle),
                                             **common, **core_env), core_port, tmp / f"core-{core_port}.log",
                            python=core_env.get("VEIL_CORE_PYTHON", ""))

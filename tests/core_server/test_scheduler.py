@@ -34,6 +34,7 @@ class RecordingEngine:
 
     name = "recording"
     rows_computed = 0
+    verifies_drafts = True
     spec = types.SimpleNamespace(hidden_size=DIM)
     device = torch.device("cpu")
 

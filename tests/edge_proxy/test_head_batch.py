@@ -38,9 +38,9 @@ def test_streams_waiting_together_share_one_gemm_and_get_their_own_rows() -> Non
     async def main() -> list[int]:
         batcher = _batcher(head)
         head.gate.clear()  # the first tick holds the GEMM while five more streams arrive
-        first = asyncio.create_task(batcher.run(rows[0], lambda lg: int(lg.argmax())))
+        first = asyncio.create_task(batcher.run(rows[0:1], lambda lg: int(lg[0].argmax())))
         await asyncio.sleep(0.05)
-        rest = [asyncio.create_task(batcher.run(rows[i], lambda lg: int(lg.argmax()))) for i in range(1, 6)]
+        rest = [asyncio.create_task(batcher.run(rows[i : i + 1], lambda lg: int(lg[0].argmax()))) for i in range(1, 6)]
         await asyncio.sleep(0.05)
         head.gate.set()
         return [await first] + [await t for t in rest]
@@ -59,11 +59,11 @@ def test_one_streams_failure_is_its_own() -> None:
     async def main():
         batcher = _batcher(head)
         head.gate.clear()
-        blocker = asyncio.create_task(batcher.run(torch.randn(8), lambda lg: 0))
+        blocker = asyncio.create_task(batcher.run(torch.randn(1, 8), lambda lg: 0))
         await asyncio.sleep(0.05)
-        bad = asyncio.create_task(batcher.run(torch.randn(8), broken))
-        good = asyncio.create_task(batcher.run(torch.randn(8), lambda lg: lg.shape[0]))
-        gone = asyncio.create_task(batcher.run(torch.randn(8), lambda lg: 1))
+        bad = asyncio.create_task(batcher.run(torch.randn(1, 8), broken))
+        good = asyncio.create_task(batcher.run(torch.randn(1, 8), lambda lg: lg.shape[1]))
+        gone = asyncio.create_task(batcher.run(torch.randn(1, 8), lambda lg: 1))
         await asyncio.sleep(0.01)
         gone.cancel()  # a client that left: the others are served all the same
         head.gate.set()
@@ -76,3 +76,25 @@ def test_one_streams_failure_is_its_own() -> None:
 
     assert asyncio.run(main()) == 50
     assert head.calls == [1, 2]  # the cancelled stream's row was dropped from the tick
+
+
+def test_a_stream_verifying_drafts_gets_all_its_rows_in_the_shared_gemm() -> None:
+    head = CountingHead()
+    rows = torch.randn(7, 8)
+
+    async def main() -> tuple[list[int], list[int]]:
+        batcher = _batcher(head)
+        head.gate.clear()
+        blocker = asyncio.create_task(batcher.run(rows[:1], lambda lg: 0))
+        await asyncio.sleep(0.05)
+        drafted = asyncio.create_task(batcher.run(rows[1:5], lambda lg: lg.argmax(-1).tolist()))
+        single = asyncio.create_task(batcher.run(rows[5:6], lambda lg: lg.argmax(-1).tolist()))
+        await asyncio.sleep(0.05)
+        head.gate.set()
+        await blocker
+        return await drafted, await single
+
+    drafted, single = asyncio.run(main())
+    expected = (rows @ head.weight.T).argmax(-1).tolist()
+    assert drafted == expected[1:5] and single == expected[5:6]
+    assert head.calls == [1, 5]
