@@ -19,7 +19,7 @@ from edge_proxy.edge_model import EdgeModel
 from privacy_audit.prompts import load_prompts
 from veil.errors import ConfigError
 from veil.model.decoder import DecoderStack
-from veil.model.int8 import Int8Linear
+from veil.model.int8 import Int8Linear, has_vnni
 from veil.model.kv import Positions, Session
 from veil.settings import load_settings
 
@@ -61,8 +61,9 @@ def test_int8_top1_agreement_with_float32_on_the_audit_prompts(smol_bundles, key
     agreement, total = _top1_agreement(model, DecoderStack.load(core_dir, torch.device("cpu")),
                                        DecoderStack.load(core_dir, torch.device("cpu"), quantize="int8"))
     print(f"\nint8 vs float32 teacher-forced top-1 agreement: {agreement:.4f} over {total} positions")
-    # measured 0.888 with the bundled SmolLM2-135M (the prompt positions are where a small model is least sure)
-    assert agreement >= 0.85
+    # measured with the bundled SmolLM2-135M (the prompt positions are where a small model is least sure):
+    # 0.880-0.888 on Intel CPUs with VNNI (8-bit activations), 0.837 on an AVX2 AMD EPYC without (7 bits)
+    assert agreement >= (0.85 if has_vnni() else 0.80)
 
 
 def _cpu_engine(core: Path, home: Path, **env: str) -> tuple[CoreEngine, int, int]:

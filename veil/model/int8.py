@@ -33,7 +33,7 @@ CLIP_RATIOS = torch.linspace(0.5, 1.0, 26)
 
 
 @functools.cache
-def _has_vnni() -> bool:
+def has_vnni() -> bool:
     """Whether the CPU has VNNI dot products; without them FBGEMM's u8·s8 pairs can saturate 16 bits, so the
     activations keep 7 bits (`reduce_range`)."""
     try:
@@ -85,7 +85,7 @@ class Int8Linear:
         # the row that pins every batch's activation range to [-1, 1] (needs in_features >= 2)
         self._sentinel = torch.zeros(1, self.in_features)
         self._sentinel[0, 0], self._sentinel[0, 1] = 1.0, -1.0
-        self._reduce_range = not _has_vnni()
+        self._reduce_range = not has_vnni()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x [N, in] float32 -> [N, out]
