@@ -143,6 +143,8 @@ def _load(state: CoreState) -> None:
                                   batch_wait_ms=core.batch_wait_ms)
         scheduler.start()
         state.scheduler = scheduler
+        if isinstance(engine, NativeEngine):
+            state.metrics.kv_pool_bytes.set(engine.pool_bytes)
         state.metrics.ready.set(1)
         log.info("core ready engine=%s layers=%d dim=%d device=%s dtype=%s quantize=%s load_s=%.1f", engine.name,
                  spec.num_layers, spec.hidden_size, engine.device, str(engine.dtype).removeprefix("torch."),

@@ -63,6 +63,10 @@ class NativeEngine:
         self.pool = stack.new_pool(sessions, limit)
         self.rows_computed = 0
 
+    @property
+    def pool_bytes(self) -> int:
+        return self.pool.k.nbytes + self.pool.v.nbytes
+
     def new_session(self, limit: int) -> Session:
         assert limit == self.pool.limit, "the pool's slots hold the core's token limit"
         return self.pool.session()

@@ -32,3 +32,5 @@ class CoreMetrics:
         self.locker_reads = Counter("veil_core_locker_reads_total", "Sessions resumed from the locker",
                                     ["result"], registry=r)
         self.ready = Gauge("veil_core_ready", "1 once the core bundle is loaded", registry=r)
+        self.kv_pool_bytes = Gauge("veil_core_kv_pool_bytes", "The native engine's KV pool, planned at start (on a "
+                                   "CPU committed as sessions first write their slots)", registry=r)

@@ -50,3 +50,33 @@ class NgramDrafter:
                     out.append(self.tokens[j] if j < seen else out[j - seen])
                 return out
         return []
+
+
+MAX_PAUSE = 16  # decode steps without drafts, at most, after drafts that were not kept
+
+
+class DraftPacer:
+    """How many drafts the next step carries: all that are allowed while some are kept; after a step whose
+    drafts were all rejected, none for 1, 2, 4, ... up to MAX_PAUSE steps. Rejected drafts cost core rows
+    (on a CPU a row of a batch is not free, and other streams share the batch); text that does not repeat
+    itself soon stops paying for them, text that does keeps its drafts."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._pause = 0  # the length of the last pause
+        self._waiting = 0  # steps left in the current pause
+
+    def allowance(self) -> int:
+        if self._waiting:
+            self._waiting -= 1
+            return 0
+        return self.limit
+
+    def record(self, sent: int, kept: int) -> None:
+        if sent == 0:
+            return
+        if kept:
+            self._pause = 0
+        else:
+            self._pause = min(max(1, 2 * self._pause), MAX_PAUSE)
+            self._waiting = self._pause

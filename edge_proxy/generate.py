@@ -13,7 +13,7 @@ import anyio
 import torch
 
 from edge_proxy.core_client import CoreTransport
-from edge_proxy.drafts import NgramDrafter
+from edge_proxy.drafts import DraftPacer, NgramDrafter
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.generation import Generation, Status
 from edge_proxy.head_batch import HeadBatcher
@@ -192,14 +192,18 @@ class Engine:
         reason = "stop"  # EOS or a completed grammar, unless the token limit or the reply text ends it first
         ended: str | None = None  # set when the reply text itself ends the reply (a stop string, an output rule)
         drafter = NgramDrafter(history) if self.draft_limit else None
+        pacer = DraftPacer(self.draft_limit)
         rows, drafts = hidden[None], []  # the states to sample from, and the drafts they verify
         try:
             while True:
                 chosen = await self.head.run(rows, functools.partial(self._verify, drafts=drafts, sampler=sampler,
                                                                      gen=gen))
                 if drafts:
-                    self.metrics.draft_tokens.labels("accepted").inc(len(chosen) - 1)
-                    self.metrics.draft_tokens.labels("rejected").inc(len(drafts) + 1 - len(chosen))
+                    kept = next((i for i, (token, _) in enumerate(chosen) if i == len(drafts) or token != drafts[i]),
+                                len(chosen))
+                    self.metrics.draft_tokens.labels("accepted").inc(kept)
+                    self.metrics.draft_tokens.labels("rejected").inc(len(drafts) - kept)
+                    pacer.record(len(drafts), kept)
                 done = False
                 for i, (token, logprob) in enumerate(chosen):
                     gen.add_token(token)
@@ -225,7 +229,7 @@ class Engine:
                 drafts = []
                 if drafter is not None:
                     drafter.extend(history[len(drafter.tokens):])
-                    drafts = drafter.propose(min(self.draft_limit, gen.max_new_tokens - gen.completion_tokens - 1))
+                    drafts = drafter.propose(min(pacer.allowance(), gen.max_new_tokens - gen.completion_tokens - 1))
                 # the last token, then the drafts after it: a state back for each (the core drops rejected rows
                 # of the last step, as it starts this one where they began)
                 pending = [history[-1], *drafts]

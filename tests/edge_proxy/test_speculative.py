@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cloaking.secretbox import KeySource
-from edge_proxy.drafts import NgramDrafter
+from edge_proxy.drafts import MAX_PAUSE, DraftPacer, NgramDrafter
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.generate import Engine
 from edge_proxy.generation import Generation, Status
@@ -54,6 +54,25 @@ def test_drafter_built_at_once_equals_one_extended_token_by_token() -> None:
                 expected = [seen[len(seen) - period + i % period] for i in range(5)]
                 break
         assert whole.propose(5) == expected
+
+
+def test_pacer_pauses_drafting_longer_after_each_step_whose_drafts_were_all_rejected() -> None:
+    pacer = DraftPacer(4)
+    assert pacer.allowance() == 4
+    pauses = []
+    for _ in range(7):
+        pacer.record(4, 0)
+        waited = 0
+        while pacer.allowance() == 0:
+            waited += 1
+        pauses.append(waited)
+    assert pauses == [1, 2, 4, 8, 16, MAX_PAUSE, MAX_PAUSE]
+    pacer.record(4, 1)  # a kept draft ends the pause at once
+    assert pacer.allowance() == 4
+    pacer.record(4, 0)
+    assert [pacer.allowance(), pacer.allowance()] == [0, 4]
+    pacer.record(0, 0)  # a step without drafts says nothing
+    assert pacer.allowance() == 4
 
 
 class CountingCore(InProcessCore):
