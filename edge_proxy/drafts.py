@@ -45,7 +45,7 @@ class NgramDrafter:
         for n in range(min(self.max_ngram, len(self.tokens)), 0, -1):
             end = self._latest.get(tuple(self.tokens[-n:]))
             if end is not None:
-                seen, out = len(self.tokens), []
+                seen, out = len(self.tokens), list[int]()
                 for j in range(end + 1, end + 1 + k):
                     out.append(self.tokens[j] if j < seen else out[j - seen])
                 return out

@@ -193,7 +193,7 @@ class Engine:
         ended: str | None = None  # set when the reply text itself ends the reply (a stop string, an output rule)
         drafter = NgramDrafter(history) if self.draft_limit else None
         pacer = DraftPacer(self.draft_limit)
-        rows, drafts = hidden[None], []  # the states to sample from, and the drafts they verify
+        rows, drafts = hidden[None], list[int]()  # the states to sample from, and the drafts they verify
         try:
             while True:
                 chosen = await self.head.run(rows, functools.partial(self._verify, drafts=drafts, sampler=sampler,

@@ -148,7 +148,7 @@ def test_edge_held_layers_on_the_vllm_engine_equal_transformers(smol, key_file: 
         for prompt in ("What is the capital of France?", "List three prime numbers."):
             ids = render_prompt(smol.tokenizer, [{"role": "user", "content": prompt}])
             want = _until_eos(reference_greedy(smol, ids, 24), model.eos_ids)
-            assert asyncio.run(_veil_greedy(model, pair.core_transport(), ids, 24)) == want
+            assert asyncio.run(_veil_greedy(model, pair.core_transport(), ids, 24))[0] == want
         assert "engine=vllm" in pair.core.log()
     finally:
         pair.stop()
