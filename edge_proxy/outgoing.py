@@ -51,8 +51,8 @@ class OutgoingStates:
         self.sigma = noise.rho * model.embedding_rms
         self.span_sigma = 0.0 if span_noise is None else max(self.sigma, span_noise.rho * model.embedding_rms)
         # fresh per request; tests pass a seeded generator
-        self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
-        self._noise_key = bytes(torch.randint(0, 256, (32,), generator=self.generator).tolist())
+        generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
+        self._noise_key = bytes(torch.randint(0, 256, (32,), generator=generator).tolist())
         self._row_generator = torch.Generator()
         stack = model.edge_stack
         self.session = None if stack is None else stack.new_session(model.spec.max_positions)

@@ -19,6 +19,7 @@ parallel already.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 
@@ -94,6 +95,6 @@ class Linear:
         n = x.shape[0]
         if self._plan is None or n > ROW_BUCKETS[-1]:
             return F.linear(x, self.weight, self.bias)
-        kernel = self._plan[next(i for i, rows in enumerate(ROW_BUCKETS) if n <= rows)]
+        kernel = self._plan[bisect.bisect_left(ROW_BUCKETS, n)]  # the first bucket >= n (per call: kept cheap)
         y = _run(kernel, x, self.weight, self._halves)
         return y if self.bias is None else y + self.bias
