@@ -13,6 +13,10 @@ from veil.channel import Channel, CoreKeys, EdgeHello
 from veil.identity import parse_public_key, unb64
 from veil.wire import StepRequest, StepResult
 
+# A step can run a long prefill on a slow 2-core CI machine (1,024 rows through vLLM on CPU took over httpx's
+# default 5 s there); the tests check what comes back, not how fast.
+STEP_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
+
 
 def core_keys(url: str) -> tuple[CoreKeys, dict]:
     info = httpx.get(url + "/v1/info").json()
@@ -32,7 +36,7 @@ class SealedSession:
         self.sid = sid or secrets.token_hex(16)
         hello = EdgeHello(edge, keys, self.sid, self.bundle_id, resume=resume, post_quantum=post_quantum)
         self.hello_body = hello.body
-        self.opened = httpx.post(url + "/v1/sessions", content=hello.body)
+        self.opened = httpx.post(url + "/v1/sessions", content=hello.body, timeout=STEP_TIMEOUT)
         self.channel: Channel | None = hello.finish(self.opened.content) if self.opened.status_code == 200 else None
 
     def frame(self, offset: int, hidden: torch.Tensor, **kw) -> tuple[int, bytes]:
@@ -44,7 +48,7 @@ class SealedSession:
 
     def post(self, body: bytes, sid: str | None = None) -> httpx.Response:
         return httpx.post(f"{self.url}/v1/sessions/{sid or self.sid}/step", content=body,
-                          headers={"content-type": wire.CONTENT_TYPE})
+                          headers={"content-type": wire.CONTENT_TYPE}, timeout=STEP_TIMEOUT)
 
     def result(self, response: httpx.Response, seq: int) -> StepResult:
         assert response.status_code == 200, response.text
