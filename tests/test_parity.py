@@ -65,9 +65,10 @@ def _check_pair(ckpt, pair: VeilPair, edge_model: EdgeModel, model_name: str, pr
         got, _ = asyncio.run(_veil_greedy(edge_model, pair.core_transport(), prompt_ids, n))
         assert got == want, f"token mismatch for prompt #{prompts.index(prompt)}"
         # speculative decoding (drafts verified by the core in one step) gives the same tokens; the vllm
-        # engine does not verify drafts, and its edge decodes plainly
-        drafted, limit = asyncio.run(_veil_greedy(edge_model, pair.core_transport(), prompt_ids, n, drafts=4))
-        assert drafted == want and limit == (4 if pair.core_engine == "native" else 0)
+        # engine does not verify drafts, and its edge decodes plainly (checked once: it is the run above)
+        if pair.core_engine == "native" or prompt == prompts[0]:
+            drafted, limit = asyncio.run(_veil_greedy(edge_model, pair.core_transport(), prompt_ids, n, drafts=4))
+            assert drafted == want and limit == (4 if pair.core_engine == "native" else 0)
         text = ckpt.tokenizer.decode([t for t in want if t not in edge_model.eos_ids], skip_special_tokens=True)
         kwargs = dict(model=model_name, messages=_messages(prompt), temperature=0, max_tokens=n)
         assert client.chat.completions.create(**kwargs).choices[0].message.content == text
@@ -82,8 +83,13 @@ def test_smollm2_split_greedy_equals_transformers_generate(smol, smol_servers_by
     _check_pair(smol, smol_servers_by_engine, edge_model, SMOL_NAME, PROMPTS, NEW_TOKENS)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+# Every architecture on the native engine; on vLLM every one but llama, whose path SmolLM2 (a LlamaForCausalLM)
+# already takes above: each vLLM core costs about 30 s of start-up on CI's two cores.
+TINY_CASES = [(arch, engine) for engine in ENGINES for arch in ARCHITECTURES
+              if not (engine == "vllm" and arch == "llama")]
+
+
+@pytest.mark.parametrize("arch, engine", TINY_CASES, ids=[f"{a}-{e}" for a, e in TINY_CASES])
 def test_tiny_architectures_split_greedy_equals_transformers_generate(arch: str, engine: str, tiny_bundles,
                                                                       key_file: Path, tmp_path: Path) -> None:
     ckpt, edge, core = tiny_bundles[arch]

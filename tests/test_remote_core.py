@@ -29,7 +29,7 @@ from veil import wire
 from veil.identity import CorePin, load_private_key
 from veil.wire import StepRequest
 from veil_cli.enroll import enroll_locally
-from veil_cli.processes import Server, base_env, free_port
+from veil_cli.processes import Server, base_env, free_port, ready_all
 
 pytestmark = pytest.mark.slow
 LOCKER_URL = "redis://127.0.0.1:6379/7"  # a database of its own: the tests flush it
@@ -53,21 +53,24 @@ class Cluster:
         self.forwarder = RecordingForwarder(self.ports)
         try:
             for i in range(replicas):
-                self.start(i)
+                self.start(i, wait=False)
             edge_port = free_port()
             self.edge = Server("edge", base_env(tmp, VEIL_EDGE_PORT=str(edge_port), VEIL_EDGE_CORE_URL=self.forwarder.url,
                                                 VEIL_BUNDLE_EDGE_DIR=str(edge_bundle), VEIL_BUNDLE_KEY_FILE=str(key_file),
                                                 VEIL_MODEL_NAME=MODEL, **self.wiring),
-                               edge_port, tmp / "edge.log").wait_ready()
+                               edge_port, tmp / "edge.log")
+            ready_all(*self.cores, self.edge)  # type: ignore[arg-type]
         except Exception:
             self.stop()
             raise
         self.client = openai.OpenAI(base_url=self.edge.url + "/v1", api_key="unused", max_retries=0)
 
-    def start(self, i: int) -> None:
+    def start(self, i: int, wait: bool = True) -> None:
         env = base_env(self.tmp, VEIL_CORE_PORT=str(self.ports[i]), VEIL_CORE_METRICS_PORT=str(self.metrics_ports[i]),
                        **self.core_env)
-        self.cores[i] = Server("core", env, self.ports[i], self.tmp / f"core-{i}-{time.monotonic_ns()}.log").wait_ready()
+        self.cores[i] = Server("core", env, self.ports[i], self.tmp / f"core-{i}-{time.monotonic_ns()}.log")
+        if wait:
+            self.cores[i].wait_ready()
 
     def metric(self, i: int, name: str) -> float:
         text = httpx.get(f"http://127.0.0.1:{self.metrics_ports[i]}/metrics").text

@@ -93,6 +93,18 @@ def base_env(home: Path, **settings: str) -> dict[str, str]:
     return env
 
 
+def ready_all(*servers: Server, timeout: float = 180) -> None:
+    """Wait for servers launched together, so that their start-ups (imports, weights) overlap; an edge launched
+    beside its core answers /readyz once the core does. If one fails, all are stopped."""
+    try:
+        for server in servers:
+            server.wait_ready(timeout)
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+
+
 class VeilPair:
     """A core and an edge wired together, for API tests with the real openai client."""
 
@@ -107,16 +119,10 @@ class VeilPair:
         self.core = Server("core", base_env(tmp, VEIL_CORE_PORT=str(core_port), VEIL_CORE_BUNDLE=str(core_bundle),
                                             **common, **core_env), core_port, tmp / f"core-{core_port}.log",
                            python=core_env.get("VEIL_CORE_PYTHON", ""))
-        self.edge: Server | None = None
-        try:
-            self.core.wait_ready()
-            self.edge = Server("edge", base_env(tmp, VEIL_EDGE_PORT=str(edge_port),
-                                                VEIL_EDGE_CORE_URL=self.core.url, VEIL_BUNDLE_EDGE_DIR=str(edge_bundle),
-                                                **common, **(edge_env or {})), edge_port, tmp / f"edge-{edge_port}.log")
-            self.edge.wait_ready()
-        except Exception:
-            self.stop()
-            raise
+        self.edge = Server("edge", base_env(tmp, VEIL_EDGE_PORT=str(edge_port), VEIL_EDGE_CORE_URL=self.core.url,
+                                            VEIL_BUNDLE_EDGE_DIR=str(edge_bundle), **common, **(edge_env or {})),
+                           edge_port, tmp / f"edge-{edge_port}.log")
+        ready_all(self.core, self.edge)
         self.base_url = self.edge.url + "/v1"
 
     def core_transport(self, **kwargs: Any) -> HttpCoreTransport:

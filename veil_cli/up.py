@@ -39,11 +39,12 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     env.setdefault("HF_HUB_OFFLINE", "1")
     servers: list[Server] = []
     try:
+        # launched together so that their start-ups overlap; the edge is ready once its core answers
         servers.append(Server("core", env, settings.core.port, host=settings.core.host, config=args.config,
                               python=settings.core.python))
-        servers[0].wait_ready(args.timeout)
         servers.append(Server("edge", env, settings.edge.port, host=settings.edge.host, config=args.config))
-        servers[1].wait_ready(args.timeout)
+        for server in servers:
+            server.wait_ready(args.timeout)
         edge_url = f"http://{settings.edge.host}:{settings.edge.port}"
         print(f"\nVeil is up. OpenAI base URL: {edge_url}/v1  model: {settings.model.name}\n"
               f"Operator console: {edge_url}/admin/\n(Ctrl-C stops it)", flush=True)

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from veil_cli.enroll import enroll_locally
-from veil_cli.processes import Server, base_env, free_port
+from veil_cli.processes import Server, base_env, free_port, ready_all
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def cluster(tiny_bundles, key_file: Path, tmp_path_factory: pytest.TempPathFacto
     core_port = free_port()
     wiring = enroll_locally(tmp / "core.key", tmp / "edge.key", tmp / "allowed_edges.yaml", 16)  # both replicas: one edge
     core = Server("core", base_env(tmp, VEIL_CORE_PORT=str(core_port), VEIL_CORE_BUNDLE=str(core_bundle), **wiring),
-                  core_port, tmp / "core.log").wait_ready()
+                  core_port, tmp / "core.log")
     shared = dict(VEIL_AUTH_ENABLED="true", VEIL_POLICY_PASSPHRASE=PASSPHRASE,
                   VEIL_POLICY_STORE=str(tmp / "policy.store"), VEIL_POLICY_AUDIT_LOG=str(tmp / "audit.log"),
                   VEIL_ADMIN_KEY=ADMIN_KEY, VEIL_REDIS_URL=REDIS_URL, VEIL_BUNDLE_EDGE_DIR=str(edge_bundle),
@@ -43,8 +43,8 @@ def cluster(tiny_bundles, key_file: Path, tmp_path_factory: pytest.TempPathFacto
     try:
         for i in range(2):
             port = free_port()
-            edges.append(Server("edge", base_env(tmp, VEIL_EDGE_PORT=str(port), **shared), port,
-                                tmp / f"edge{i}.log").wait_ready())
+            edges.append(Server("edge", base_env(tmp, VEIL_EDGE_PORT=str(port), **shared), port, tmp / f"edge{i}.log"))
+        ready_all(core, *edges)
         yield {"core": core, "edges": edges, "tmp": tmp, "env": shared}
     finally:
         for s in edges + [core]:

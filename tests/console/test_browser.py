@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import REDIS_URL, REPO, SMOL_NAME
 from veil_cli.enroll import enroll_locally
-from veil_cli.processes import Server, base_env, free_port
+from veil_cli.processes import Server, base_env, free_port, ready_all
 
 pytestmark = pytest.mark.slow
 
@@ -35,14 +35,15 @@ def edge(smol_bundles, key_file: Path, tmp_path_factory, rdb) -> Iterator[Server
     wiring = enroll_locally(tmp / "core.key", tmp / "edge.key", tmp / "allowed_edges.yaml", 8)
     core_port, edge_port = free_port(), free_port()
     core = Server("core", base_env(tmp, VEIL_CORE_PORT=str(core_port), VEIL_CORE_BUNDLE=str(core_bundle), **wiring),
-                  core_port, tmp / "core.log").wait_ready()
+                  core_port, tmp / "core.log")
     edge = None
     try:
         edge = Server("edge", base_env(
             tmp, VEIL_EDGE_PORT=str(edge_port), VEIL_AUTH_ENABLED="true", VEIL_POLICY_PASSPHRASE=PASSPHRASE,
             VEIL_ADMIN_KEY=ADMIN_KEY, VEIL_REDIS_URL=REDIS_URL, VEIL_BUNDLE_EDGE_DIR=str(edge_bundle),
             VEIL_BUNDLE_KEY_FILE=str(key_file), VEIL_MODEL_NAME=SMOL_NAME, VEIL_EDGE_CORE_URL=core.url, **wiring),
-            edge_port, tmp / "edge.log").wait_ready()
+            edge_port, tmp / "edge.log")
+        ready_all(core, edge)
         yield edge
     finally:
         for server in (edge, core):

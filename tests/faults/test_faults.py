@@ -18,7 +18,7 @@ import redis
 
 from tests.faults.tcp_fault import FaultyLink
 from veil_cli.enroll import enroll_locally
-from veil_cli.processes import Server, base_env, free_port
+from veil_cli.processes import Server, base_env, free_port, ready_all
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def rig(tiny_bundles, key_file: Path, tmp_path_factory: pytest.TempPathFactory, 
     wiring = enroll_locally(tmp / "core.key", tmp / "edge.key", tmp / "allowed_edges.yaml", 16)
     core_port = free_port()
     core_env = base_env(tmp, VEIL_CORE_PORT=str(core_port), VEIL_CORE_BUNDLE=str(core_bundle), **wiring)
-    core = Server("core", core_env, core_port, tmp / "core.log").wait_ready()
+    core = Server("core", core_env, core_port, tmp / "core.log")
     shared = dict(VEIL_AUTH_ENABLED="true", VEIL_POLICY_PASSPHRASE=PASSPHRASE, VEIL_ADMIN_KEY=ADMIN_KEY,
                   VEIL_POLICY_STORE=str(tmp / "policy.store"), VEIL_POLICY_AUDIT_LOG=str(tmp / "audit.log"),
                   VEIL_REDIS_URL=f"redis://127.0.0.1:{link.port}/0", VEIL_BUNDLE_EDGE_DIR=str(edge_bundle),
@@ -47,7 +47,8 @@ def rig(tiny_bundles, key_file: Path, tmp_path_factory: pytest.TempPathFactory, 
     for name, fail_open in (("closed", "false"), ("open", "true")):
         port = free_port()
         edges[name] = Server("edge", base_env(tmp, VEIL_EDGE_PORT=str(port), VEIL_REDIS_FAIL_OPEN=fail_open, **shared),
-                             port, tmp / f"edge-{name}.log").wait_ready()
+                             port, tmp / f"edge-{name}.log")
+    ready_all(core, *edges.values())
     rig = {"link": link, "core": core, "core_env": core_env, "tmp": tmp, "redis": rdb, **edges}
     yield rig
     for server in (*edges.values(), rig["core"]):

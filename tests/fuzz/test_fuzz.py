@@ -16,7 +16,7 @@ import pytest
 
 from tests.fuzz.campaign import IDENTITIES, leaked, schemathesis_run, still_serves
 from veil_cli.enroll import enroll_locally
-from veil_cli.processes import Server, base_env, free_port
+from veil_cli.processes import Server, base_env, free_port, ready_all
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +37,13 @@ def servers(tiny_bundles, key_file: Path, tmp_path_factory: pytest.TempPathFacto
     wiring = enroll_locally(tmp / "core.key", tmp / "edge.key", tmp / "allowed_edges.yaml", 16)
     core = Server("core", base_env(tmp, VEIL_CORE_PORT=str(core_port), VEIL_CORE_BUNDLE=str(core_bundle),
                                    VEIL_CORE_MAX_TOKENS_PER_SESSION="96", **wiring), core_port,
-                  tmp / "core.log").wait_ready()
+                  tmp / "core.log")
     edge = Server("edge", base_env(tmp, VEIL_EDGE_PORT=str(edge_port), VEIL_AUTH_ENABLED="true",
                                    VEIL_POLICY_PASSPHRASE=PASSPHRASE, VEIL_ADMIN_KEY=ADMIN_KEY,
                                    VEIL_BUNDLE_EDGE_DIR=str(edge_bundle), VEIL_BUNDLE_KEY_FILE=str(key_file),
                                    VEIL_MODEL_NAME=MODEL, VEIL_EDGE_CORE_URL=core.url, **wiring),
-                  edge_port, tmp / "edge.log").wait_ready()
+                  edge_port, tmp / "edge.log")
+    ready_all(core, edge)
     try:
         yield {"core": core, "edge": edge, "tmp": tmp}
     finally:
