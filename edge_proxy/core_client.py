@@ -129,7 +129,10 @@ class HttpCoreTransport:
         return httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, verify=self._ssl,
                                  transport=self._transport, limits=httpx.Limits(max_connections=1))
 
-    async def _send(self, client: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _send(self, client: httpx.AsyncClient, method: str, path: str, *, resumable: bool = True,
+                    **kwargs: Any) -> httpx.Response:
+        """One call; a refusal that a re-handshake elsewhere may cure raises _Resume when `resumable` (session
+        calls, which handle it), else the edge's error for it."""
         try:
             response = await client.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
@@ -138,7 +141,7 @@ class HttpCoreTransport:
             raise CoreUnavailable("the core server is unreachable", code="core_unreachable") from exc
         if response.status_code >= 400:
             code = _code_of(response)
-            if code in _RESUMABLE and response.status_code in (401, 503):
+            if resumable and code in _RESUMABLE and response.status_code in (401, 503):
                 raise _Resume()
             if response.status_code == 401 and code == "edge_not_admitted":
                 raise EdgeNotAdmitted(f"the core at {self.base_url} does not admit this edge: enroll its key "
@@ -148,7 +151,9 @@ class HttpCoreTransport:
 
     async def info(self) -> dict[str, Any]:
         """The core's public info; its keys are used only if one of them matches the pin."""
-        response = await self._send(self._info_client, "GET", "/v1/info")
+        # not resumable: a core still loading or shutting down is a 503 for the caller (an edge starting beside
+        # its core, /readyz, a request), never the session-level signal escaping as an unhandled exception
+        response = await self._send(self._info_client, "GET", "/v1/info", resumable=False)
         try:
             info = response.json()
             offered = [_core_keys(ident) for ident in info.get("identities") or [info["identity"]]]

@@ -47,8 +47,11 @@ class FakeCore:
         self.channels: dict[str, Channel] = {}
         self.posts: list[str] = []  # paths of every POST the edge made
         self.answer: Callable[[httpx.Request, FakeCore], httpx.Response] = lambda r, f: _json_error(500, "boom")
+        self.info_answer: httpx.Response | None = None  # what /v1/info answers instead of the info
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/info" and self.info_answer is not None:
+            return self.info_answer
         if request.url.path == "/v1/info":
             return httpx.Response(200, json={"bundle_id": self.bundle_id, "max_tokens_per_session": 512,
                                              "identity": self.presents.info()})
@@ -220,3 +223,32 @@ def test_a_core_that_shows_the_pinned_key_without_holding_it_cannot_finish_the_h
         assert fake.posts == ["/v1/sessions"], "only the hello, which it cannot open, reached it"
     finally:
         fake.presents = real
+
+
+@pytest.mark.parametrize("code", ["not_ready", "draining"])
+def test_an_edge_started_before_its_core_is_ready_serves_503_until_it_is(tiny_bundles, key_file: Path,
+                                                                         tmp_path: Path, code: str) -> None:
+    """A core still loading its bundle (or shutting down) answers /v1/info 503: the edge starts anyway, and its
+    /readyz and requests are OpenAI-shaped 503s in its own words until the core is ready."""
+    _, edge_dir, _ = tiny_bundles["llama"]
+    settings = tiny_edge_settings(tmp_path)
+    model = EdgeModel.load(edge_dir, KeySource(key_file=key_file))
+    edge_key = x25519.X25519PrivateKey.generate()
+    fake = FakeCore(model.spec.bundle_id, raw_public(edge_key.public_key()))
+    fake.info_answer = _json_error(503, code)
+    transport = HttpCoreTransport("http://core.invalid", 5, identity=edge_key,
+                                  pin=CorePin.parse(fingerprint(fake.identity.public)),
+                                  transport=httpx.MockTransport(fake))
+    server = ThreadedEdge(create_app(settings, model, core=transport, plane=build_plane(settings)), wait_ready=False)
+    try:
+        ready = httpx.get(server.url + "/readyz")
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "core_not_ready"
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+        assert err.value.status_code == 503 and err.value.body["code"] == "core_not_ready"
+        assert CORE_WORDS not in err.value.response.text
+        fake.info_answer = None  # the core has loaded
+        assert httpx.get(server.url + "/readyz").status_code == 200
+    finally:
+        server.stop()
