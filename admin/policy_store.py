@@ -212,16 +212,15 @@ class PolicyStore:
         anchor = self._anchor(sid)
         anchored = anchor.highest() if anchor is not None else None
         logged = self._audit.versions_since(sid, doc.get("audit")) if self._audit is not None else []
-        ahead = [(f"its anchor records version {anchored}" if anchored is not None and anchored > version else ""),
-                 (f"the audit log records version {max(logged)}" if logged and max(logged) > version else "")]
-        if any(ahead):
+        ahead = (f"its anchor records version {anchored}" if anchored is not None and anchored > version
+                 else f"the audit log records version {max(logged)}" if logged and max(logged) > version else None)
+        if ahead is not None:
             # The anchor and the log are read after the file: without the lock, another replica may have written
             # the next version in between. Look again under the lock, where no write is half-done, before refusing.
             if not locked:
                 with self._lock():
                     return self._open(locked=True)
-            raise self._fail(f"is version {version} but {next(a for a in ahead if a)}: an older copy was restored "
-                             "(with its high-water mark)")
+            raise self._fail(f"is version {version} but {ahead}: an older copy was restored (with its high-water mark)")
         hwm_behind = seen is None or seen < version
         anchor_behind = anchor is not None and (anchored is None or anchored < version)
         unlogged = self._audit is not None and version not in logged

@@ -13,7 +13,7 @@ from cloaking.cli import cloak_configured
 from veil.bundle import CORE_SPEC, EDGE_SPEC, bundle_exists
 from veil.settings import Settings
 from veil_cli.enroll import enroll_locally
-from veil_cli.processes import Server
+from veil_cli.processes import Server, ready_all
 
 
 def add_parser(sub: Any) -> None:
@@ -43,8 +43,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         servers.append(Server("core", env, settings.core.port, host=settings.core.host, config=args.config,
                               python=settings.core.python))
         servers.append(Server("edge", env, settings.edge.port, host=settings.edge.host, config=args.config))
-        for server in servers:
-            server.wait_ready(args.timeout)
+        ready_all(*servers, timeout=args.timeout)
         edge_url = f"http://{settings.edge.host}:{settings.edge.port}"
         print(f"\nVeil is up. OpenAI base URL: {edge_url}/v1  model: {settings.model.name}\n"
               f"Operator console: {edge_url}/admin/\n(Ctrl-C stops it)", flush=True)
