@@ -4,8 +4,9 @@ Both run in this one invocation, one after the other (Veil first), on the same m
 (a) llama.cpp (`llama-cpp-python`) decoding the GGUF as it is shipped (SmolLM2-135M, Q4_1); (b) a real
 `veil core` and `veil edge` on loopback, the core and the edge each given the same thread count, serving the
 same file cloaked (Veil dequantizes it), with a float32 core; (c) the same with the core's blocks as int8
-(`core.quantize: int8`). Greedy, a fixed count of tokens (end-of-sequence suppressed on both sides). Prints
-each and Veil ÷ llama.cpp (issue 15's goal: int8 ÷ llama.cpp >= 0.5).
+(`core.quantize: int8`); (d) int8 on both sides (`edge.quantize: int8` too: the LM head). Greedy, a fixed count
+of tokens (end-of-sequence suppressed on both sides). Prints each and Veil ÷ llama.cpp (issue 15's goal: int8 ÷
+llama.cpp >= 0.5).
 
     make bench-llamacpp    # installs llama-cpp-python (built from source here) and runs this
     python bench/llamacpp.py [--tokens 64] [--threads 2] [--repeats 3]
@@ -74,13 +75,15 @@ def bench_llamacpp(gguf: Path, tokens: int, threads: int, repeats: int) -> tuple
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
-def bench_veil(root: Path, key: Path, eos: list[int], args: argparse.Namespace, quantize: str) -> tuple[float, float]:
-    """-> (time to first token s, decode tokens/s) of Veil's split path with `core.quantize` set, median of repeats."""
+def bench_veil(root: Path, key: Path, eos: list[int], args: argparse.Namespace, core_quantize: str,
+               edge_quantize: str) -> tuple[float, float]:
+    """-> (time to first token s, decode tokens/s) of Veil's split path with `core.quantize` and `edge.quantize`
+    set, median of repeats."""
     threads = str(args.threads)
-    pair = VeilPair(root / f"run-{quantize}", root / "edge", root / "core", key, MODEL_NAME,
+    pair = VeilPair(root / f"run-{core_quantize}-{edge_quantize}", root / "edge", root / "core", key, MODEL_NAME,
                     core_env={"VEIL_CORE_THREADS": threads, "VEIL_LOG_LEVEL": "warning",
-                              "VEIL_CORE_QUANTIZE": quantize},
-                    edge_env={"VEIL_EDGE_THREADS": threads})
+                              "VEIL_CORE_QUANTIZE": core_quantize},
+                    edge_env={"VEIL_EDGE_THREADS": threads, "VEIL_EDGE_QUANTIZE": edge_quantize})
     try:
         bench_split(pair.base_url, eos, 8)  # warm-up
         runs = [bench_split(pair.base_url, eos, args.tokens) for _ in range(args.repeats)]
@@ -104,17 +107,19 @@ def main() -> int:
         cloak(ckpt, root / "edge", root / "core", KeySource(key_file=key), MODEL_NAME, progress=False)
         eos = eos_ids(ckpt)
         del ckpt
-        veil = {quantize: bench_veil(root, key, eos, args, quantize) for quantize in ("none", "int8")}
+        veil = {(core, edge): bench_veil(root, key, eos, args, core, edge)
+                for core, edge in (("none", "none"), ("int8", "none"), ("int8", "int8"))}
     # llama.cpp last, once Veil's servers have stopped, in this process: nothing of it is left running for Veil
     ttft_a, tok_a = bench_llamacpp(gguf, args.tokens, args.threads, args.repeats)
     print(f"\n{gguf.name}, {args.tokens} tokens, {args.threads} threads, median of {args.repeats}")
     print(f"{'':<38}{'first token':>14}{'decode':>14}")
-    rows = [("(a) llama.cpp, the GGUF as shipped", ttft_a, tok_a),
-            ("(b) Veil split, float32 core", *veil["none"]), ("(c) Veil split, int8 core", *veil["int8"])]
+    b, c, d = veil["none", "none"], veil["int8", "none"], veil["int8", "int8"]
+    rows = [("(a) llama.cpp, the GGUF as shipped", ttft_a, tok_a), ("(b) Veil split, float32", *b),
+            ("(c) Veil split, int8 core", *c), ("(d) Veil split, int8 core and head", *d)]
     for name, ttft, tok in rows:
         print(f"{name:<38}{ttft * 1000:>11.0f} ms{tok:>10.1f} tok/s")
-    print(f"decode b/a = {veil['none'][1] / tok_a:.2f}, c/a = {veil['int8'][1] / tok_a:.2f}, "
-          f"c/b = {veil['int8'][1] / veil['none'][1]:.2f}")
+    print(f"decode b/a = {b[1] / tok_a:.2f}, c/a = {c[1] / tok_a:.2f}, d/a = {d[1] / tok_a:.2f}, "
+          f"d/b = {d[1] / b[1]:.2f}")
     return 0
 
 

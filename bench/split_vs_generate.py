@@ -5,7 +5,7 @@ process; (b) a real `veil core` and `veil edge` on loopback ports, streamed over
 Prints both, the ratio b/a, and where the split path spends each token.
 
     python bench/split_vs_generate.py [--tokens 64] [--repeats 3] [--checkpoint PATH] [--quantize int8]
-                                      [--speculative K] [--prompt TEXT]
+                                      [--edge-quantize int8] [--speculative K] [--prompt TEXT]
 
 With --speculative K the edge drafts up to K tokens per step from the request's own tokens
 (edge.speculative_tokens), and `generate` is also timed with prompt-lookup drafting of K tokens
@@ -162,6 +162,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams for the throughput part")
     parser.add_argument("--checkpoint", default=None, help="HF folder or GGUF (default: bundled SmolLM2)")
     parser.add_argument("--quantize", default="none", choices=("none", "int8"), help="the core's core.quantize")
+    parser.add_argument("--edge-quantize", default="none", choices=("none", "int8"), help="the edge's edge.quantize")
     parser.add_argument("--speculative", type=int, default=0, help="the edge's edge.speculative_tokens")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--out", default="bench/results/split_vs_generate.json")
@@ -199,7 +200,8 @@ def main() -> int:
         del ckpt  # the servers hold their own copies; free this process's
         pair = VeilPair(tmp_path, tmp_path / "edge", tmp_path / "core", key, MODEL_NAME,
                         core_env={"VEIL_CORE_QUANTIZE": args.quantize},
-                        edge_env={"VEIL_EDGE_SPECULATIVE_TOKENS": str(args.speculative)})
+                        edge_env={"VEIL_EDGE_SPECULATIVE_TOKENS": str(args.speculative),
+                                  "VEIL_EDGE_QUANTIZE": args.edge_quantize})
         try:
             bench_split(pair.base_url, eos_ids, 4, args.prompt)  # warm-up
             before = httpx.get(pair.edge.url + "/metrics").text
@@ -222,6 +224,7 @@ def main() -> int:
     print(f"{args.streams} concurrent streams: Veil {batch_b:.1f} tok/s in all (continuous batching) vs batched "
           f"generate {batch_a:.1f} tok/s: ratio {batch_b / batch_a:.2f}x")
     result = {"tokens": args.tokens, "repeats": args.repeats, "quantize": args.quantize,
+              "edge_quantize": args.edge_quantize,
               "speculative": args.speculative, "generate_prompt_lookup_tok_s": tps_lookup, "drafts": drafts,
               "generate": {"ttft_s": ttft_a, "decode_tok_s": tps_a},
               "split": {"ttft_s": ttft_b, "decode_tok_s": tps_b}, "decode_ratio": tps_b / tps_a,

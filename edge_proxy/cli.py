@@ -40,7 +40,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         # Shown once on the console, never logged: the only copy of the first admin key.
         print(f"\n  Bootstrap admin key (shown once; store it, then use it as VEIL_ADMIN_KEY):\n"
               f"  {plane.bootstrap_secret}\n", flush=True)
-    model = EdgeModel.load(settings.edge_bundle_dir(), key_source(settings))
+    model = EdgeModel.load(settings.edge_bundle_dir(), key_source(settings), settings.edge.quantize)
     uvicorn.run(create_app(settings, model, plane=plane), host=settings.edge.host, port=settings.edge.port,
                 log_config=None, access_log=False, timeout_graceful_shutdown=5,
                 # above the 5 s for which httpx (and so the openai client) reuses an idle connection: at

@@ -58,6 +58,7 @@ class EdgeSettings:
     admission_wait_seconds: float = 30.0  # how long a request waits for a free session before a 503
     speculative_tokens: int = 0  # draft tokens per decode step, looked up in the request's own tokens; 0 = off
     # (same reply in fewer steps; the core learns how many drafts each step kept: see README "Speculative decoding")
+    quantize: str = "none"  # none | int8: the LM head (and any blocks the edge runs) as int8 weights, as core.quantize
 
 
 @dataclasses.dataclass(slots=True)
@@ -172,6 +173,8 @@ class Settings:
                               "edge.key_session_share in (0, 1] and edge.admission_wait_seconds >= 0")
         if not 0 <= e.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
             raise ConfigError(f"edge.speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}]")
+        if e.quantize not in ("none", "int8"):
+            raise ConfigError("edge.quantize must be none or int8")
         if self.core.max_sessions < 1 or self.core.max_tokens_per_session < 1:
             raise ConfigError("core.max_sessions and core.max_tokens_per_session must be >= 1")
         if self.core.max_result_rows < 1 or self.core.max_queued_steps < 1 or self.core.kv_budget_bytes < 0 \

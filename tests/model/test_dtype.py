@@ -31,14 +31,17 @@ def test_core_dtype_is_checked() -> None:
         load_settings(environ={"VEIL_CORE_DTYPE": "int4"})
 
 
-def _top1_agreement(model: EdgeModel, reference: DecoderStack, other: DecoderStack) -> tuple[float, int]:
+Model = tuple[EdgeModel, DecoderStack]  # an edge (its LM head) and a core stack
+
+
+def _top1_agreement(reference: Model, other: Model) -> tuple[float, int]:
     """How often `other` picks `reference`'s next token, at every position of 24 audit prompts."""
     same = total = 0
     for prompt in load_prompts(limit=24):
-        ids = render_prompt(model.tokenizer, prompt.messages)
-        x = model.embed(ids)
+        ids = render_prompt(reference[0].tokenizer, prompt.messages)
+        x = reference[0].embed(ids)
         picks = [model.logits_rows(stack.step(x, [stack.new_session(len(ids)).begin(0, len(ids))]).float()).argmax(-1)
-                 for stack in (reference, other)]
+                 for model, stack in (reference, other)]
         same += int((picks[0] == picks[1]).sum())
         total += len(ids)
     return same / total, total
@@ -48,8 +51,8 @@ def _top1_agreement(model: EdgeModel, reference: DecoderStack, other: DecoderSta
 def test_bfloat16_top1_agreement_with_float32_on_the_audit_prompts(smol_bundles, key_file) -> None:
     edge_dir, core_dir = smol_bundles
     model = EdgeModel.load(edge_dir, KeySource(key_file=key_file))
-    agreement, total = _top1_agreement(model, DecoderStack.load(core_dir, torch.device("cpu")),
-                                       DecoderStack.load(core_dir, torch.device("cpu"), torch.bfloat16))
+    agreement, total = _top1_agreement((model, DecoderStack.load(core_dir, torch.device("cpu"))),
+                                       (model, DecoderStack.load(core_dir, torch.device("cpu"), torch.bfloat16)))
     print(f"\nbfloat16 vs float32 teacher-forced top-1 agreement: {agreement:.4f} over {total} positions")
     assert agreement >= 0.9
 
@@ -58,13 +61,21 @@ def test_bfloat16_top1_agreement_with_float32_on_the_audit_prompts(smol_bundles,
 def test_int8_top1_agreement_with_float32_on_the_audit_prompts(smol_bundles, key_file) -> None:
     edge_dir, core_dir = smol_bundles
     model = EdgeModel.load(edge_dir, KeySource(key_file=key_file))
-    agreement, total = _top1_agreement(model, DecoderStack.load(core_dir, torch.device("cpu")),
-                                       DecoderStack.load(core_dir, torch.device("cpu"), quantize="int8"))
-    print(f"\nint8 vs float32 teacher-forced top-1 agreement: {agreement:.4f} over {total} positions")
+    reference = (model, DecoderStack.load(core_dir, torch.device("cpu")))
+    int8_core = DecoderStack.load(core_dir, torch.device("cpu"), quantize="int8")
+    agreement, total = _top1_agreement(reference, (model, int8_core))
+    print(f"\nint8 core vs float32 teacher-forced top-1 agreement: {agreement:.4f} over {total} positions")
     # measured with the bundled SmolLM2-135M (the prompt positions are where a small model is least sure):
     # 0.880-0.888 on Intel CPUs with VNNI (8-bit activations), 0.792-0.837 on an AVX2 AMD EPYC without (7 bits);
     # it varies with the cloaking key
     assert agreement >= (0.85 if has_vnni() else 0.75)
+    int8_edge = EdgeModel.load(edge_dir, KeySource(key_file=key_file), quantize="int8")
+    assert isinstance(int8_edge.head, Int8Linear)
+    head_only, _ = _top1_agreement(reference, (int8_edge, reference[1]))
+    both, _ = _top1_agreement(reference, (int8_edge, int8_core))
+    print(f"int8 LM head (edge.quantize) with a float32 core: {head_only:.4f}; int8 on both sides: {both:.4f}")
+    # the head's error is one layer's, the core's thirty's: the head alone must stay closer
+    assert head_only >= max(agreement, 0.9) and both >= agreement - 0.05
 
 
 def _cpu_engine(core: Path, home: Path, **env: str) -> tuple[CoreEngine, int, int]:

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cloaking.secretbox import KeySource
+from edge_proxy.edge_model import EdgeModel
 from veil.errors import ConfigError
 from veil.model.decoder import DecoderStack
 from veil.model.int8 import Int8Linear, quantize_per_channel
@@ -66,7 +68,24 @@ def test_an_int8_stack_stays_near_the_float32_one(arch: str, tiny_bundles) -> No
     assert float((quant - full).norm() / full.norm()) < 0.1  # near the float32 stack, not equal to it
 
 
+def test_an_int8_edge_head_stays_near_the_float32_one(tiny_bundles, key_file) -> None:
+    _, edge, _ = tiny_bundles["llama"]
+    reference = EdgeModel.load(edge, KeySource(key_file=key_file))
+    model = EdgeModel.load(edge, KeySource(key_file=key_file), quantize="int8")
+    assert isinstance(model.head, Int8Linear) and model.quantize == "int8"
+    hidden = torch.randn(5, reference.spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    want, got = reference.logits_rows(hidden), model.logits_rows(hidden)
+    assert got.shape == want.shape and float((got - want).norm() / want.norm()) < 0.05
+    assert torch.equal(model.logits_rows(hidden[2:3]), got[2:3])  # a stream's logits do not depend on its tick
+    with pytest.raises(ConfigError, match="edge.quantize must be one of none, int8"):
+        EdgeModel.load(edge, KeySource(key_file=key_file), quantize="int4")
+
+
 def test_int8_is_refused_where_it_cannot_run() -> None:
+    assert load_settings(environ={}).edge.quantize == "none"
+    assert load_settings(environ={"VEIL_EDGE_QUANTIZE": "int8"}).edge.quantize == "int8"
+    with pytest.raises(ConfigError, match="edge.quantize must be none or int8"):
+        load_settings(environ={"VEIL_EDGE_QUANTIZE": "fp8"})
     assert load_settings(environ={}).core.quantize == "none"
     assert load_settings(environ={"VEIL_CORE_QUANTIZE": "int8"}).core.quantize == "int8"
     with pytest.raises(ConfigError, match="core.quantize must be none or int8"):
