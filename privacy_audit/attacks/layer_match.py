@@ -149,6 +149,7 @@ class _PrefixRunner:
         p, c, d = x.shape
         g, hd, kv = s.num_heads // s.num_kv_heads, s.head_dim, s.num_kv_heads
         cos, sin = st.rope(torch.tensor([t]))  # [1, 1, hd]
+        sin = st.signed_sin(sin)
         h = x.reshape(p * c, d)
         new_kv = []
         for li, layer in enumerate(st.layers):
@@ -156,8 +157,8 @@ class _PrefixRunner:
             q = qkv[:, :st.q_rows].view(p * c, s.num_heads, hd)
             k = qkv[:, st.q_rows:st.q_rows + st.kv_rows].view(p * c, kv, hd)
             v = qkv[:, st.q_rows + st.kv_rows:].view(p, c, kv, hd)
-            q = (q * cos + st.rotate_half(q) * sin).view(p, c, kv, g, hd).permute(0, 2, 3, 1, 4)  # [P,KV,g,C,hd]
-            k = (k * cos + st.rotate_half(k) * sin).view(p, c, kv, hd)
+            q = st.apply_rope(q, cos, sin).view(p, c, kv, g, hd).permute(0, 2, 3, 1, 4)  # [P,KV,g,C,hd]
+            k = st.apply_rope(k, cos, sin).view(p, c, kv, hd)
             new_kv.append((k, v))
             pk, pv = self.k[rows, li, :, :t], self.v[rows, li, :, :t]  # [P, KV, t, hd]
             own = torch.einsum("pkgcd,pckd->pkgc", q, k)[..., None]

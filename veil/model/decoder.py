@@ -133,9 +133,19 @@ class DecoderStack:
         return (emb.cos() * scale).to(self.dtype)[:, None, :], (emb.sin() * scale).to(self.dtype)[:, None, :]
 
     @staticmethod
-    def rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+        """sin with its first half negated: what `apply_rope` takes, made once per forward."""
+        half = sin.shape[-1] // 2
+        return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+    @staticmethod
+    def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """x [N, heads, hd] -> x·cos + rotate_half(x)·sin, as the reference model computes it, in four ops
+        instead of eight: rotate_half(x) = [-x2, x1] becomes [x2, x1] (a flip of the halves) times sin with
+        the sign moved onto it, and (-a)·b = a·(-b) exactly, so the result is the same bit for bit."""
+        n, heads, hd = x.shape
+        turned = x.view(n, heads, 2, hd // 2).flip(2).view(n, heads, hd)
+        return x * cos + turned * signed_sin
 
     def _mask(self, seg: Segment, window: int | None) -> torch.Tensor | None:
         """Boolean [n, T] mask (True = attend), or None when every cached key is visible."""
@@ -193,19 +203,22 @@ class DecoderStack:
         x = x.to(device=self.device, dtype=self.dtype)
         positions = torch.cat([torch.arange(seg.offset, seg.end, device=self.device) for seg in segments])
         cos, sin = self.rope(positions)
+        sin = self.signed_sin(sin)
         hd, eps = s.head_dim, s.rms_norm_eps
+        heads = s.num_heads + s.num_kv_heads  # query and key heads, rotated in one call
         pooled = PooledDecode.of(segments, starts, self)
         for li, layer in enumerate(self.layers):
             h = F.rms_norm(x, (s.hidden_size,), eps=eps)
             qkv = layer.qkv(h)
-            q = qkv[:, : self.q_rows].view(-1, s.num_heads, hd)
-            k = qkv[:, self.q_rows : self.q_rows + self.kv_rows].view(-1, s.num_kv_heads, hd)
             v = qkv[:, self.q_rows + self.kv_rows :].view(-1, s.num_kv_heads, hd)
-            if layer.q_norm is not None:
-                q = F.rms_norm(q, (hd,), layer.q_norm, eps)
-                k = F.rms_norm(k, (hd,), layer.k_norm, eps)
-            q = q * cos + self.rotate_half(q) * sin
-            k = k * cos + self.rotate_half(k) * sin
+            if layer.q_norm is None:
+                qk = self.apply_rope(qkv[:, : self.q_rows + self.kv_rows].view(-1, heads, hd), cos, sin)
+                q, k = qk[:, : s.num_heads], qk[:, s.num_heads :]
+            else:
+                q = qkv[:, : self.q_rows].view(-1, s.num_heads, hd)
+                k = qkv[:, self.q_rows : self.q_rows + self.kv_rows].view(-1, s.num_kv_heads, hd)
+                q = self.apply_rope(F.rms_norm(q, (hd,), layer.q_norm, eps), cos, sin)
+                k = self.apply_rope(F.rms_norm(k, (hd,), layer.k_norm, eps), cos, sin)
             if pooled is None:
                 outs = [self._write_and_attend(q, k, v, li, seg, start, layer.window)
                         for seg, start in zip(segments, starts)]
