@@ -11,6 +11,7 @@ streams can gain is what a forward of 16 rows costs against one of 1, before the
 CPU is counted.
 
     python bench/concurrency.py [--tokens 48] [--wait-ms 10] [--threads 0] [--quantize int8] [--dtype bfloat16]
+                               [--edge-quantize int8]
 """
 
 from __future__ import annotations
@@ -71,12 +72,13 @@ def _batch_rows(metrics_url: str) -> tuple[float, float]:
 
 
 def measure(root: Path, key: Path, eos: list[int], tokens: int, wait_ms: float, threads: int,
-            quantize: str = "none", dtype: str = "float32") -> dict[str, float]:
+            quantize: str = "none", dtype: str = "float32", edge_quantize: str = "none") -> dict[str, float]:
     env = {"VEIL_CORE_MAX_SESSIONS": "32", "VEIL_LOG_LEVEL": "warning", "VEIL_CORE_BATCH_WAIT_MS": str(wait_ms),
            "VEIL_CORE_THREADS": str(threads), "VEIL_CORE_QUANTIZE": quantize, "VEIL_CORE_DTYPE": dtype}
     home = root / f"wait-{wait_ms:g}"
     home.mkdir()
-    pair = VeilPair(home, root / "edge", root / "core", key, MODEL_NAME, core_env=env)
+    pair = VeilPair(home, root / "edge", root / "core", key, MODEL_NAME, core_env=env,
+                    edge_env={"VEIL_EDGE_QUANTIZE": edge_quantize})
     try:
         bench_split(pair.base_url, eos, 8)  # warm-up
         out: dict[str, float] = {}
@@ -97,6 +99,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="core.threads (0 = torch's default)")
     parser.add_argument("--quantize", default="none", choices=("none", "int8"), help="the core's core.quantize")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the core's core.dtype")
+    parser.add_argument("--edge-quantize", default="none", choices=("none", "int8"), help="the edge's edge.quantize")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -111,7 +114,8 @@ def main() -> int:
             f"{rows} rows {ms:.1f} ms" for rows, ms in alone.items())
             + f"; at most {16 * alone[1] / alone[16]:.2f}x from 16 streams over 1")
         torch.set_num_threads(1)  # the clients' process: keep its torch out of the servers' way
-        results = {wait: measure(root, key, eos, args.tokens, wait, args.threads, args.quantize, args.dtype)
+        results = {wait: measure(root, key, eos, args.tokens, wait, args.threads, args.quantize, args.dtype,
+                                 args.edge_quantize)
                    for wait in (0.0, args.wait_ms)}
     print(f"\n{'figure':<24}" + "".join(f"{f'wait {w:g} ms':>14}" for w in results))
     for name in results[0.0]:
