@@ -179,7 +179,7 @@ async def _open_frame(held: Held, op: str, body: bytes, metrics: CoreMetrics) ->
     try:
         seq, plain = (await asyncio.to_thread(channel.peek, op, body)) if len(body) > _BIG_FRAME \
             else channel.peek(op, body)
-        channel.accept(seq)
+        channel.accept(seq, final=op == "close")
     except VeilError as exc:
         metrics.frames_refused.labels(reason=str(exc.code)).inc()
         raise

@@ -131,8 +131,12 @@ class Channel:
             raise FrameRejected() from None
         return seq, plain
 
-    def accept(self, seq: int) -> None:
-        if seq != self.received:
+    def accept(self, seq: int, final: bool = False) -> None:
+        """Take frame `seq`: exactly the next one, or, for the `final` frame that ends the channel (a close), any
+        later one. A sender that gave up on a frame in flight (its client went away mid-step) cannot know if it
+        arrived; its close must still end the session, and skipping ahead replays nothing: the close is
+        authentic, and every earlier seq is refused from then on."""
+        if seq != self.received and not (final and seq > self.received):
             raise FrameOutOfOrder(f"frame {seq} is not the next one ({self.received}): replayed or reordered")
         self.received = seq + 1
 

@@ -56,6 +56,17 @@ def test_a_sealed_step_returns_the_wanted_rows_and_close_frees_the_session(core:
     assert gone.status_code == 401 and gone.json()["error"]["code"] == "session_unknown"
 
 
+def test_a_close_after_a_step_that_never_arrived_still_frees_the_session(core: Server) -> None:
+    # the edge sealed a step, then its client went away before the step reached the core: the close that
+    # follows carries a later seq than the core expects, and must still end the session (not wait for expiry)
+    s = SealedSession(core.url, EDGE_A)
+    s.step(0, torch.randn(3, 64))
+    s.frame(3, torch.randn(1, 64))  # sealed, never sent
+    assert s.close().status_code == 204
+    gone = s.close()
+    assert gone.status_code == 401 and gone.json()["error"]["code"] == "session_unknown"
+
+
 @pytest.mark.parametrize("method,path", [("POST", "/v1/sessions"), ("POST", "/v1/sessions/" + "ab" * 16 + "/step"),
                                          ("DELETE", "/v1/sessions/" + "ab" * 16), ("POST", "/v1/step")])
 def test_raw_http_gets_401_on_every_session_route(core: Server, method: str, path: str) -> None:

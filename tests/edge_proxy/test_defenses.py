@@ -22,6 +22,7 @@ from edge_proxy.sampling import SamplingParams
 from tests.conftest import reference_greedy
 from tests.inprocess_core import InProcessCore
 from veil.bundle import CORE_WEIGHTS, EDGE_LAYERS_WEIGHTS, EDGE_SEALED_Q, read_core_spec, read_edge_spec
+from veil.model.int8 import Int8Linear
 
 PROMPTS = ["What is the capital of France?", "List three prime numbers.", "Write a haiku about rain."]
 
@@ -90,6 +91,21 @@ def test_edge_layers_without_noise_keep_greedy_output_identical(arch: str, layer
         ids = render_prompt(ckpt.tokenizer, [{"role": "user", "content": prompt}])
         want = _until_eos(reference_greedy(ckpt, ids, 16), model.eos_ids)
         assert _greedy(model, InProcessCore(core), ids, 16) == want
+
+
+def test_edge_quantize_int8_runs_the_edge_layers_as_int8_too(layered, key_file: Path) -> None:
+    ckpt, edge, core = layered["llama"]
+    reference = EdgeModel.load(edge, KeySource(key_file=key_file))
+    model = EdgeModel.load(edge, KeySource(key_file=key_file), quantize="int8")
+    assert model.edge_stack is not None and model.edge_stack.quantize == "int8"
+    assert isinstance(model.edge_stack.layers[0].qkv, Int8Linear) and isinstance(model.head, Int8Linear)
+    ids = render_prompt(ckpt.tokenizer, [{"role": "user", "content": PROMPTS[0]}])
+    x = reference.embed(ids)
+    want, got = (m.edge_stack.step(x, [m.edge_stack.new_session(len(ids)).begin(0, len(ids))])  # type: ignore[union-attr]
+                 for m in (reference, model))
+    assert float((got - want).norm() / want.norm()) < 0.1  # near the float32 block, not equal to it
+    out = _greedy(model, InProcessCore(core), ids, 8)  # and a whole generation runs through it
+    assert 0 < len(out) <= 8 and all(0 <= t < model.vocab_size for t in out)
 
 
 @pytest.mark.slow

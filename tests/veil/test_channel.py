@@ -56,6 +56,22 @@ def test_frames_bind_direction_op_and_order() -> None:
         core_side.open("step", f0)  # replayed
 
 
+def test_a_close_may_skip_frames_that_never_arrived_and_nothing_else_may() -> None:
+    core, edge, hello = _pair()
+    reply, core_side = open_hello(hello.body, [core], {raw_public(edge.public_key())}).accept()
+    edge_side = hello.finish(reply)
+    assert core_side.open("step", edge_side.seal("step", b"a")) == b"a"
+    lost, later = edge_side.seal("step", b"lost in flight"), edge_side.seal("step", b"b")
+    with pytest.raises(FrameOutOfOrder):
+        core_side.accept(core_side.peek("step", later)[0])  # a step may not skip one
+    close = edge_side.seal("close", b"")
+    seq, _ = core_side.peek("close", close)
+    core_side.accept(seq, final=True)  # the close ends the channel although frame 1 never came
+    for frame, op in ((lost, "step"), (later, "step"), (close, "close")):
+        with pytest.raises(FrameOutOfOrder):  # nothing before the close, nor the close again
+            core_side.accept(core_side.peek(op, frame)[0], final=op == "close")
+
+
 def test_only_an_enrolled_edge_with_a_fresh_hello_gets_in() -> None:
     core, edge, hello = _pair()
     enrolled = {raw_public(edge.public_key())}
