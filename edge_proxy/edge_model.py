@@ -27,10 +27,9 @@ from veil.bundle import (
     load_tensors,
     read_edge_spec,
 )
-from veil.errors import BundleError, ConfigError
-from veil.model.decoder import QUANTIZE, DecoderStack
-from veil.model.int8 import Int8Linear, check_int8_support
-from veil.model.linear import Linear
+from veil.errors import BundleError
+from veil.model.decoder import DecoderStack
+from veil.model.int8 import layer_type
 
 
 class EdgeModel:
@@ -41,10 +40,7 @@ class EdgeModel:
     def __init__(self, spec: EdgeSpec, tokenizer: Any, embed: torch.Tensor, norm: torch.Tensor,
                  lm_head: torch.Tensor, q: torch.Tensor, edge_stack: DecoderStack | None = None,
                  quantize: str = "none"):
-        if quantize not in QUANTIZE:
-            raise ConfigError(f"edge.quantize must be one of {', '.join(QUANTIZE)}")
-        if quantize == "int8":
-            check_int8_support()
+        head_layer = layer_type(quantize, "edge.quantize")
         self.spec, self.tokenizer, self.quantize = spec, tokenizer, quantize
         self.edge_stack = edge_stack  # the first k blocks, folded with Q, when the edge holds some
         self.edge_layers = spec.edge_layers
@@ -55,7 +51,7 @@ class EdgeModel:
         q64 = q.double()
         self.rotated_embed = (embed.double() @ q64.T).float().contiguous()  # [V, d]: row i is Q·e_i
         self.rotated_head = (lm_head.double() * norm.double()[None, :] @ q64.T).float().contiguous()  # [V, d]
-        self.head = Int8Linear(self.rotated_head) if quantize == "int8" else Linear(self.rotated_head)
+        self.head = head_layer(self.rotated_head)
         self.eos_ids = frozenset(spec.eos_token_ids)
         self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_ids)  # built on first use
 

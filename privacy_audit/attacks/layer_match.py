@@ -149,7 +149,6 @@ class _PrefixRunner:
         p, c, d = x.shape
         g, hd, kv = s.num_heads // s.num_kv_heads, s.head_dim, s.num_kv_heads
         cos, sin = st.rope(torch.tensor([t]))  # [1, 1, hd]
-        sin = st.signed_sin(sin)
         h = x.reshape(p * c, d)
         new_kv = []
         for li, layer in enumerate(st.layers):

@@ -16,11 +16,9 @@ import torch.nn.functional as F
 
 from veil.bundle import CORE_SPEC, CORE_WEIGHTS, CoreSpec, load_tensors, read_core_spec
 from veil.errors import BundleError, ConfigError
-from veil.model.int8 import Int8Linear, check_int8_support
+from veil.model.int8 import Int8Linear, layer_type
 from veil.model.kv import KVPool, PooledSession, Segment, Session
 from veil.model.linear import Linear
-
-QUANTIZE = ("none", "int8")
 
 
 @dataclasses.dataclass(slots=True)
@@ -54,14 +52,10 @@ class DecoderStack:
                  quantize: str = "none"):
         """`quantize` int8 holds the four projections of every block as `Int8Linear` (a float32 CPU stack only)."""
         self.spec, self.device, self.dtype, self.quantize = spec, device, dtype, quantize
-        if quantize not in QUANTIZE:
-            raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}")
-        if quantize == "int8":
-            if device.type != "cpu" or dtype != torch.float32:
-                raise ConfigError("core.quantize int8 runs on a CPU with core.dtype float32 (or auto); "
-                                  "on a GPU, core.dtype bfloat16 halves the weights instead")
-            check_int8_support()
-        project = Int8Linear if quantize == "int8" else Linear
+        project = layer_type(quantize, "quantize")
+        if project is Int8Linear and (device.type != "cpu" or dtype != torch.float32):
+            raise ConfigError("core.quantize int8 runs on a CPU with core.dtype float32 (or auto); "
+                              "on a GPU, core.dtype bfloat16 halves the weights instead")
         self.groups = spec.num_heads // spec.num_kv_heads
         self.q_rows = spec.num_heads * spec.head_dim
         self.kv_rows = spec.num_kv_heads * spec.head_dim
@@ -126,21 +120,20 @@ class DecoderStack:
         return cls(spec, load_tensors(Path(bundle_dir) / weights_name), device, dtype, quantize)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # [N, hd/2] -> cos, sin [N, 1, hd], computed in float32 as the reference model does
+        """[N] positions -> cos and signed sin [N, 1, hd], computed in float32 as the reference model does; sin's
+        first half comes negated, as `apply_rope` takes it."""
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         scale = self.spec.rope_attention_scaling
-        return (emb.cos() * scale).to(self.dtype)[:, None, :], (emb.sin() * scale).to(self.dtype)[:, None, :]
-
-    @staticmethod
-    def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-        """sin with its first half negated: what `apply_rope` takes, made once per forward."""
+        sin = (emb.sin() * scale).to(self.dtype)
         half = sin.shape[-1] // 2
-        return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        return (emb.cos() * scale).to(self.dtype)[:, None, :], signed[:, None, :]
 
     @staticmethod
     def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-        """x [N, heads, hd] -> x·cos + rotate_half(x)·sin, as the reference model computes it, in four ops
+        """x [N, heads, hd] -> x·cos + rotate_half(x)·sin, as the reference model computes it (cos and signed_sin
+        from `rope`), in four ops
         instead of eight: rotate_half(x) = [-x2, x1] becomes [x2, x1] (a flip of the halves) times sin with
         the sign moved onto it, and (-a)·b = a·(-b) exactly, so the result is the same bit for bit."""
         n, heads, hd = x.shape
@@ -203,7 +196,6 @@ class DecoderStack:
         x = x.to(device=self.device, dtype=self.dtype)
         positions = torch.cat([torch.arange(seg.offset, seg.end, device=self.device) for seg in segments])
         cos, sin = self.rope(positions)
-        sin = self.signed_sin(sin)
         hd, eps = s.head_dim, s.rms_norm_eps
         heads = s.num_heads + s.num_kv_heads  # query and key heads, rotated in one call
         pooled = PooledDecode.of(segments, starts, self)

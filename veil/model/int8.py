@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 from veil.errors import ConfigError
+from veil.model.linear import Linear
 
+QUANTIZE = ("none", "int8")
 CLIP_RATIOS = torch.linspace(0.5, 1.0, 26)
 _QUANTIZE_ROWS = 2048  # rows quantized at once
 
@@ -44,11 +46,17 @@ def has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-def check_int8_support() -> None:
-    """Refuses early, with the reason, where torch has no FBGEMM backend to run int8 layers on."""
+def layer_type(quantize: str, setting: str) -> type[Linear] | type[Int8Linear]:
+    """The linear layer that `setting` (core.quantize, edge.quantize) asks for; refused early, with the reason,
+    where it cannot run (an unknown value, a torch without FBGEMM)."""
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"{setting} must be one of {', '.join(QUANTIZE)}")
+    if quantize == "none":
+        return Linear
     if not ({"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines)):
-        raise ConfigError("core.quantize int8 needs torch's FBGEMM backend (an x86 CPU); "
+        raise ConfigError(f"{setting} int8 needs torch's FBGEMM backend (an x86 CPU); "
                           f"this torch has {', '.join(torch.backends.quantized.supported_engines) or 'none'}")
+    return Int8Linear
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +89,7 @@ class Int8Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if weight.device.type != "cpu":
-            raise ConfigError("core.quantize int8 runs on a CPU only")
+            raise ConfigError("int8 layers run on a CPU only")
         self.out_features, self.in_features = weight.shape
         q, scale = quantize_per_channel(weight)
         zero = torch.zeros(self.out_features, dtype=torch.long)
