@@ -134,6 +134,7 @@ def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None 
             log.warning("span protection not ready at start-up code=%s", exc.code)
 
     async def on_shutdown(app: Litestar) -> None:
+        engine.close()
         await transport.aclose()
         await plane.aclose()
 

@@ -12,6 +12,7 @@ from typing import AsyncIterator
 import anyio
 import torch
 
+from edge_proxy.compute import ComputeThread
 from edge_proxy.core_client import CoreTransport
 from edge_proxy.drafts import DraftPacer, NgramDrafter
 from edge_proxy.edge_model import EdgeModel
@@ -27,6 +28,8 @@ from veil.wire import StepRequest
 
 log = logging.getLogger("veil.edge.generate")
 
+_INLINE_ROWS = 8  # at most this many rows are embedded, noised and rotated on the event loop itself
+
 
 class Engine:
     """Generates for many requests at once; each request holds its own core session."""
@@ -34,11 +37,15 @@ class Engine:
     def __init__(self, model: EdgeModel, core: CoreTransport, metrics: EdgeMetrics, default_max_tokens: int = 0,
                  speculative_tokens: int = 0):
         self.model, self.core, self.metrics = model, core, metrics
-        self.head = HeadBatcher(model, metrics)  # one LM-head GEMM per tick for all streams
+        self.compute = ComputeThread()  # all of the edge's tensor work off the event loop, on one thread
+        self.head = HeadBatcher(model, metrics, self.compute)  # one LM-head GEMM per tick for all streams
         self.default_max_tokens = default_max_tokens
         self.speculative_tokens = speculative_tokens  # as configured (edge.speculative_tokens)
         self.draft_limit = 0  # drafts per step the verified core takes: set by connect()
         self.context_limit: int | None = None  # known once the core is verified; None means "ask it"
+
+    def close(self) -> None:
+        self.compute.close()
 
     async def connect(self) -> int:
         """Check that the core serves the bundle our Q belongs to and size the context from its limits.
@@ -90,9 +97,10 @@ class Engine:
     async def _send(self, outgoing: OutgoingStates, session: str, offset: int, ids: list[int],
                     rid: str, want: list[int] | None = None) -> torch.Tensor:
         """-> [len(want), d] rotated residual states of the wanted rows (the last one by default)."""
-        # edge-held blocks are real compute: keep them off the event loop
-        states = outgoing(ids, offset) if self.model.edge_stack is None else \
-            await asyncio.to_thread(outgoing, ids, offset)
+        # a decode step's row or two is cheaper inline than a thread hop; a prompt's rows (a GEMM per row
+        # for the rotation) and edge-held blocks are real compute: keep them off the event loop
+        states = outgoing(ids, offset) if self.model.edge_stack is None and len(ids) <= _INLINE_ROWS else \
+            await self.compute.run(outgoing, ids, offset)
         req = StepRequest(session, offset, states, want or [-1], request_id=rid, bundle_id=self.model.spec.bundle_id)
         try:
             result = await self.core.step(req)
@@ -174,7 +182,7 @@ class Engine:
                     want = list(range(len(gen.prompt_ids))) if gen.prompt_logprobs is not None else None
                     rows = await self._step(outgoing, session, 0, gen.prompt_ids, gen.prompt_ids, gen.request_id,
                                             want)
-                    after_prompt = await asyncio.to_thread(self._prefilled, rows, gen)
+                    after_prompt = await self.compute.run(self._prefilled, rows, gen)
                 async for text in self._choice(gen, outgoing, session, after_prompt):
                     yield index, text
                 yield index, None

@@ -16,6 +16,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from edge_proxy.compute import ComputeThread
 from edge_proxy.edge_model import EdgeModel
 from edge_proxy.metrics import EdgeMetrics
 
@@ -30,10 +31,10 @@ class _Waiting:
 
 
 class HeadBatcher:
-    """Used from one event loop; the GEMM and the follow-ups run in a worker thread."""
+    """Used from one event loop; the GEMM and the follow-ups run on the edge's compute thread."""
 
-    def __init__(self, model: EdgeModel, metrics: EdgeMetrics):
-        self.model, self.metrics = model, metrics
+    def __init__(self, model: EdgeModel, metrics: EdgeMetrics, compute: ComputeThread):
+        self.model, self.metrics, self.compute = model, metrics, compute
         self._waiting: list[_Waiting] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -53,7 +54,7 @@ class HeadBatcher:
             if not batch:
                 continue
             try:
-                results = await asyncio.to_thread(self._tick, batch)
+                results = await self.compute.run(self._tick, batch)
             except Exception as exc:  # the GEMM itself failed: every row of this tick fails with it
                 results = [(False, exc)] * len(batch)
             for w, (ok, value) in zip(batch, results):

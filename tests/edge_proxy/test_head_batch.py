@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from edge_proxy.compute import ComputeThread
 from edge_proxy.head_batch import HeadBatcher
 from edge_proxy.metrics import EdgeMetrics
 
@@ -18,17 +19,19 @@ class CountingHead:
     def __init__(self) -> None:
         self.weight = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
         self.calls: list[int] = []
+        self.threads: set[str] = set()
         self.gate = threading.Event()
         self.gate.set()
 
     def logits_rows(self, hidden: torch.Tensor) -> torch.Tensor:
         self.gate.wait(5)
         self.calls.append(hidden.shape[0])
+        self.threads.add(threading.current_thread().name)
         return hidden @ self.weight.T
 
 
 def _batcher(head: CountingHead) -> HeadBatcher:
-    return HeadBatcher(head, EdgeMetrics())  # type: ignore[arg-type]
+    return HeadBatcher(head, EdgeMetrics(), ComputeThread())  # type: ignore[arg-type]
 
 
 def test_streams_waiting_together_share_one_gemm_and_get_their_own_rows() -> None:
@@ -98,3 +101,19 @@ def test_a_stream_verifying_drafts_gets_all_its_rows_in_the_shared_gemm() -> Non
     expected = (rows @ head.weight.T).argmax(-1).tolist()
     assert drafted == expected[1:5] and single == expected[5:6]
     assert head.calls == [1, 5]
+
+
+def test_every_tick_runs_on_the_one_compute_thread() -> None:
+    """Ticks spread over the loop's default executor gave each thread its own OpenMP team and arena."""
+    head = CountingHead()
+    rows = torch.randn(4, 8)
+
+    async def main() -> None:
+        batcher = _batcher(head)
+        for _ in range(3):  # waves of streams, with the default executor kept busy between them
+            await asyncio.gather(*(batcher.run(rows[i : i + 1], lambda lg: int(lg[0].argmax())) for i in range(4)))
+            await asyncio.gather(*(asyncio.to_thread(threading.Event().wait, 0.01) for _ in range(4)))
+
+    asyncio.run(main())
+    assert len(head.calls) >= 3 and len(head.threads) == 1
+    assert next(iter(head.threads)).startswith("veil-edge-compute")
