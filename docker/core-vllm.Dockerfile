@@ -51,6 +51,8 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
       "msgpack>=1.0" \
       "litestar>=2.12" \
       "uvicorn>=0.30" \
+      "uvloop>=0.19; sys_platform != 'win32'" \
+      "httptools>=0.6" \
       "prometheus-client>=0.20" \
       "cryptography>=47" \
       "pyyaml>=6" \

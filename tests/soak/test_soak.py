@@ -9,7 +9,7 @@ with a metrics key, canaries and secrets in the logs).
 
 The RSS bounds are looser here: the slope is fitted over the last 30 seconds, which in one minute
 are still warm-up: the KV pool is allocated at start but its pages are first touched as sessions take
-slots and grow, so the core measured 50-200 MiB/min there. The edge measured 7-9 MiB/min there since its
+slots and grow, so the core measured 50-200 MiB/min there. The edge measured 0.5-9 MiB/min there since its
 tensor work runs on one thread (edge_proxy/compute.py); before, each default-executor thread that first ran
 a head GEMM added its own arena and OpenMP team, and a run failed at 29. The bounds still catch a leak
 per request: about 35 requests a minute run here, so a leaked KV cache (>= 11.8 MiB) is >= 400 MiB/min
