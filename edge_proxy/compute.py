@@ -6,7 +6,8 @@ arena and its own kernels' thread-local scratch. Over a soak the edge's RSS then
 one per thread that first ran a head GEMM, for minutes before it settled. The LM head's ticks, the
 prefill's logits and edge-run blocks run one after another anyway (torch spreads each over the
 cores), so they share one thread here, and the edge's memory stops depending on which threads
-happened to be free.
+happened to be free. The price: a long prompt's log-probabilities hold the next head tick back
+until they are done, where before the two shared the cores.
 """
 
 from __future__ import annotations

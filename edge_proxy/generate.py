@@ -97,8 +97,8 @@ class Engine:
     async def _send(self, outgoing: OutgoingStates, session: str, offset: int, ids: list[int],
                     rid: str, want: list[int] | None = None) -> torch.Tensor:
         """-> [len(want), d] rotated residual states of the wanted rows (the last one by default)."""
-        # a decode step's row or two is cheaper inline than a thread hop; a prompt's rows (a GEMM per row
-        # for the rotation) and edge-held blocks are real compute: keep them off the event loop
+        # a decode step's row or two is cheaper inline than a thread hop; a prompt's rows (up to thousands of
+        # embedding rows, each with fresh noise) and edge-held blocks are real compute: keep them off the loop
         states = outgoing(ids, offset) if self.model.edge_stack is None and len(ids) <= _INLINE_ROWS else \
             await self.compute.run(outgoing, ids, offset)
         req = StepRequest(session, offset, states, want or [-1], request_id=rid, bundle_id=self.model.spec.bundle_id)
