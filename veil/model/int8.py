@@ -105,7 +105,8 @@ class Int8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x [N, in] float32 -> [N, out]
-        peak = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
+        # max |x| per row; the same value as the inf-norm, which torch reduces 5-10x slower for 16 rows
+        peak = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-30)
         y = torch.ops.quantized.linear_dynamic(torch.cat((x / peak, self._sentinel)), self._packed,
                                                self._reduce_range)
         y = y[:-1].mul_(peak)
