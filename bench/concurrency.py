@@ -11,7 +11,7 @@ streams can gain is what a forward of 16 rows costs against one of 1, before the
 CPU is counted.
 
     python bench/concurrency.py [--tokens 48] [--wait-ms 10] [--threads 0] [--quantize int8] [--dtype bfloat16]
-                               [--edge-quantize int8]
+                               [--edge-quantize int8] [--max-batch-tokens 8]
 """
 
 from __future__ import annotations
@@ -72,9 +72,12 @@ def _batch_rows(metrics_url: str) -> tuple[float, float]:
 
 
 def measure(root: Path, key: Path, eos: list[int], tokens: int, wait_ms: float, threads: int,
-            quantize: str = "none", dtype: str = "float32", edge_quantize: str = "none") -> dict[str, float]:
+            quantize: str = "none", dtype: str = "float32", edge_quantize: str = "none",
+            max_batch_tokens: int = 0) -> dict[str, float]:
     env = {"VEIL_CORE_MAX_SESSIONS": "32", "VEIL_LOG_LEVEL": "warning", "VEIL_CORE_BATCH_WAIT_MS": str(wait_ms),
            "VEIL_CORE_THREADS": str(threads), "VEIL_CORE_QUANTIZE": quantize, "VEIL_CORE_DTYPE": dtype}
+    if max_batch_tokens:
+        env["VEIL_CORE_MAX_BATCH_TOKENS"] = str(max_batch_tokens)
     home = root / f"wait-{wait_ms:g}"
     home.mkdir()
     pair = VeilPair(home, root / "edge", root / "core", key, MODEL_NAME, core_env=env,
@@ -100,6 +103,9 @@ def main() -> int:
     parser.add_argument("--quantize", default="none", choices=("none", "int8"), help="the core's core.quantize")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the core's core.dtype")
     parser.add_argument("--edge-quantize", default="none", choices=("none", "int8"), help="the edge's edge.quantize")
+    parser.add_argument("--max-batch-tokens", type=int, default=0,
+                        help="core.max_batch_tokens (0 = the core's default); half the streams makes two groups whose "
+                             "forwards alternate with the edge's work on them")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -115,7 +121,7 @@ def main() -> int:
             + f"; at most {16 * alone[1] / alone[16]:.2f}x from 16 streams over 1")
         torch.set_num_threads(1)  # the clients' process: keep its torch out of the servers' way
         results = {wait: measure(root, key, eos, args.tokens, wait, args.threads, args.quantize, args.dtype,
-                                 args.edge_quantize)
+                                 args.edge_quantize, args.max_batch_tokens)
                    for wait in (0.0, args.wait_ms)}
     print(f"\n{'figure':<24}" + "".join(f"{f'wait {w:g} ms':>14}" for w in results))
     for name in results[0.0]:
