@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import redis
 import torch
 from cryptography.exceptions import InvalidTag
@@ -36,9 +37,17 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _PREFIX = "veil:locker:"
 
 
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a NumPy array (bfloat16, which NumPy lacks, as int16), strides kept."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+# Snapshots are copied with NumPy, not torch: they are taken and restored on the locker's threads, and a torch
+# copy of a few thousand positions runs as an OpenMP parallel op, which gives that thread a team of its own for
+# its lifetime. With more teams than CPUs, GNU OpenMP stops spinning between ops in every team, the runner's
+# included, and its forwards ran 2-3x slower from the first spill on (see edge_proxy/compute.py).
 def _raw(t: torch.Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+    return _array(t.detach().to("cpu")).tobytes()  # C order, whatever the view's strides
 
 
 def _aad(sid: str, bundle_id: str) -> bytes:
@@ -81,7 +90,10 @@ def open_snapshot(blob: bytes, sid: str, bundle_id: str, key: bytes, empty: Posi
     at = 0
     for dst, shape, size, axis in zip(empty.parts, shapes, sizes, empty.POSITION_AXES):
         part = torch.frombuffer(bytearray(body[at : at + size]), dtype=raw_dtype).view(dtype).view(shape)
-        dst.narrow(axis, 0, n).copy_(part)
+        if dst.device.type == "cpu":
+            np.copyto(_array(dst.narrow(axis, 0, n)), _array(part))
+        else:
+            dst.narrow(axis, 0, n).copy_(part)
         at += size
     empty.commit(seg)
     return empty

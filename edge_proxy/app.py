@@ -18,6 +18,7 @@ from admin.ratelimit import rate_limit_headers
 from edge_proxy import openai_shapes as shapes
 from edge_proxy.admission import SessionShare
 from edge_proxy.completions_route import completions
+from edge_proxy.compute import ComputeThread
 from edge_proxy.core_client import CoreTransport, transport_from_settings
 from edge_proxy.core_health import core_health_probe
 from edge_proxy.edge_model import EdgeModel
@@ -109,13 +110,14 @@ def _sessions(settings: Settings) -> SessionShare:
 
 
 def create_app(settings: Settings, model: EdgeModel, core: CoreTransport | None = None,
-               plane: PolicyPlane | None = None) -> Litestar:
-    """The edge app; `core` defaults to the sealed transport to `edge.core_url` (tests may pass another)."""
+               plane: PolicyPlane | None = None, compute: ComputeThread | None = None) -> Litestar:
+    """The edge app; `core` defaults to the sealed transport to `edge.core_url` (tests may pass another);
+    `compute` is the thread that loaded `model`, else a new one."""
     edge_metrics = EdgeMetrics()
     transport = core or transport_from_settings(settings, edge_metrics)
     plane = plane or build_plane(settings)
     engine = Engine(model, transport, edge_metrics, settings.edge.default_max_tokens,
-                    speculative_tokens=settings.edge.speculative_tokens)
+                    speculative_tokens=settings.edge.speculative_tokens, compute=compute)
     state = EdgeState({"settings": settings, "model": model, "core": transport, "engine": engine,
                        "metrics": edge_metrics, "plane": plane,
                        "gate": Gatekeeper(plane, edge_metrics, _sessions(settings), settings.privacy.ner_model),

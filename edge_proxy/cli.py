@@ -11,6 +11,7 @@ import uvicorn
 from admin.plane import build_plane
 from cloaking.secretbox import key_source
 from edge_proxy.app import create_app
+from edge_proxy.compute import ComputeThread
 from edge_proxy.edge_model import EdgeModel
 from veil.identity import fingerprint, load_or_create, public_text
 from veil.settings import Settings
@@ -40,8 +41,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         # Shown once on the console, never logged: the only copy of the first admin key.
         print(f"\n  Bootstrap admin key (shown once; store it, then use it as VEIL_ADMIN_KEY):\n"
               f"  {plane.bootstrap_secret}\n", flush=True)
-    model = EdgeModel.load(settings.edge_bundle_dir(), key_source(settings), settings.edge.quantize)
-    uvicorn.run(create_app(settings, model, plane=plane), host=settings.edge.host, port=settings.edge.port,
+    compute = ComputeThread()  # loads the model where its tensor work will run: one OpenMP team (see compute.py)
+    model = compute.call(EdgeModel.load, settings.edge_bundle_dir(), key_source(settings), settings.edge.quantize)
+    uvicorn.run(create_app(settings, model, plane=plane, compute=compute), host=settings.edge.host, port=settings.edge.port,
                 log_config=None, access_log=False, timeout_graceful_shutdown=5,
                 # above the 5 s for which httpx (and so the openai client) reuses an idle connection: at
                 # equal timeouts a request sent as the server closes the connection fails

@@ -8,6 +8,13 @@ prefill's logits and edge-run blocks run one after another anyway (torch spreads
 cores), so they share one thread here, and the edge's memory stops depending on which threads
 happened to be free. The price: a long prompt's log-probabilities hold the next head tick back
 until they are done, where before the two shared the cores.
+
+The model is loaded on this thread too (`call`). torch's CPU build uses GNU OpenMP, which keeps a
+team of worker threads for each thread that ever ran a parallel op, for as long as that thread
+lives. Once a process holds more such threads than it has CPUs, every team's workers stop spinning
+between ops and sleep on a futex instead: a load on the main thread made each later head GEMM on
+this one wait on wake-ups, and FBGEMM's int8 products ran 2-3x slower. One team per process keeps
+them spinning.
 """
 
 from __future__ import annotations
@@ -32,6 +39,10 @@ class ComputeThread:
         # the caller's context variables travel with the call, as with asyncio.to_thread
         call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run `fn` on the thread and wait for it, from outside an event loop (the model's load at start)."""
+        return self._pool.submit(fn, *args, **kwargs).result()
 
     def close(self) -> None:
         """Queued calls are dropped; a call already running finishes on its own."""

@@ -35,9 +35,10 @@ class Engine:
     """Generates for many requests at once; each request holds its own core session."""
 
     def __init__(self, model: EdgeModel, core: CoreTransport, metrics: EdgeMetrics, default_max_tokens: int = 0,
-                 speculative_tokens: int = 0):
+                 speculative_tokens: int = 0, compute: ComputeThread | None = None):
         self.model, self.core, self.metrics = model, core, metrics
-        self.compute = ComputeThread()  # all of the edge's tensor work off the event loop, on one thread
+        # all of the edge's tensor work off the event loop, on one thread
+        self.compute = compute or ComputeThread()
         self.head = HeadBatcher(model, metrics, self.compute)  # one LM-head GEMM per tick for all streams
         self.default_max_tokens = default_max_tokens
         self.speculative_tokens = speculative_tokens  # as configured (edge.speculative_tokens)
