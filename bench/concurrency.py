@@ -11,7 +11,7 @@ streams can gain is what a forward of 16 rows costs against one of 1, before the
 CPU is counted.
 
     python bench/concurrency.py [--tokens 48] [--wait-ms 10] [--threads 0] [--quantize int8] [--dtype bfloat16]
-                               [--edge-quantize int8] [--max-batch-tokens 8]
+                               [--edge-quantize int8] [--max-batch-tokens 8] [--batch-groups 2]
 """
 
 from __future__ import annotations
@@ -73,9 +73,10 @@ def _batch_rows(metrics_url: str) -> tuple[float, float]:
 
 def measure(root: Path, key: Path, eos: list[int], tokens: int, wait_ms: float, threads: int,
             quantize: str = "none", dtype: str = "float32", edge_quantize: str = "none",
-            max_batch_tokens: int = 0) -> dict[str, float]:
+            max_batch_tokens: int = 0, batch_groups: int = 1) -> dict[str, float]:
     env = {"VEIL_CORE_MAX_SESSIONS": "32", "VEIL_LOG_LEVEL": "warning", "VEIL_CORE_BATCH_WAIT_MS": str(wait_ms),
-           "VEIL_CORE_THREADS": str(threads), "VEIL_CORE_QUANTIZE": quantize, "VEIL_CORE_DTYPE": dtype}
+           "VEIL_CORE_THREADS": str(threads), "VEIL_CORE_QUANTIZE": quantize, "VEIL_CORE_DTYPE": dtype,
+           "VEIL_CORE_BATCH_GROUPS": str(batch_groups)}
     if max_batch_tokens:
         env["VEIL_CORE_MAX_BATCH_TOKENS"] = str(max_batch_tokens)
     home = root / f"wait-{wait_ms:g}"
@@ -106,6 +107,9 @@ def main() -> int:
     parser.add_argument("--max-batch-tokens", type=int, default=0,
                         help="core.max_batch_tokens (0 = the core's default); half the streams makes two groups whose "
                              "forwards alternate with the edge's work on them")
+    parser.add_argument("--batch-groups", type=int, default=1,
+                        help="core.batch_groups: a forward takes at most 1/N of the live sessions (the same "
+                             "alternation as --max-batch-tokens, following the load)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -121,7 +125,7 @@ def main() -> int:
             + f"; at most {16 * alone[1] / alone[16]:.2f}x from 16 streams over 1")
         torch.set_num_threads(1)  # the clients' process: keep its torch out of the servers' way
         results = {wait: measure(root, key, eos, args.tokens, wait, args.threads, args.quantize, args.dtype,
-                                 args.edge_quantize, args.max_batch_tokens)
+                                 args.edge_quantize, args.max_batch_tokens, args.batch_groups)
                    for wait in (0.0, args.wait_ms)}
     print(f"\n{'figure':<24}" + "".join(f"{f'wait {w:g} ms':>14}" for w in results))
     for name in results[0.0]:

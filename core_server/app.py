@@ -140,7 +140,7 @@ def _load(state: CoreState) -> None:
         chunk = core.prefill_chunk_tokens if engine.name == "native" else 0
         scheduler = StepScheduler(engine, table, state.metrics, core.max_batch_tokens,
                                   max_queued=core.max_queued_steps, prefill_chunk_tokens=chunk,
-                                  batch_wait_ms=core.batch_wait_ms)
+                                  batch_wait_ms=core.batch_wait_ms, batch_groups=core.batch_groups)
         scheduler.start()
         state.scheduler = scheduler
         if isinstance(engine, NativeEngine):

@@ -9,6 +9,11 @@ what one of 2 does. The sessions of a batch come back as their edge answers them
 milliseconds apart; starting the next forward with the first arrivals would split them over several forwards.
 So while sessions that took part in the last batch are still missing, the runner holds the batch back, for at
 most `batch_wait_ms` after its oldest step arrived. One stream alone never waits: nobody is missing.
+
+Groups: where the edge runs on the same CPU cores as the core, a forward of every stream leaves the edge idle
+while it runs, and the core idle while the edge samples and sends all of them. With `batch_groups` N a forward
+takes at most 1/N of the sessions holding a KV cache, so the groups' forwards alternate with the edge's work
+on the others instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -81,9 +86,10 @@ class StepScheduler:
 
     def __init__(self, engine: CoreEngine, table: SessionTable, metrics: CoreMetrics, max_batch_tokens: int,
                  max_queued: int = 1024, clock: Callable[[], float] = time.monotonic, prefill_chunk_tokens: int = 0,
-                 batch_wait_ms: float = 0.0):
+                 batch_wait_ms: float = 0.0, batch_groups: int = 1):
         self.engine, self.table, self.metrics = engine, table, metrics
         self.max_batch_tokens, self.max_queued = max_batch_tokens, max_queued
+        self.batch_groups = batch_groups  # 1: a forward takes whatever waits, up to max_batch_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: every step runs whole
         self.batch_wait = batch_wait_ms / 1000  # 0: a batch starts with whatever waits
         self._expected: set[str] = set()  # sessions whose step the last batch finished: likely back soon
@@ -132,6 +138,15 @@ class StepScheduler:
     async def submit(self, req: StepRequest) -> StepResult:
         return await asyncio.wrap_future(self.enqueue(req))
 
+    def row_budget(self) -> int:
+        """Rows one forward may take: max_batch_tokens, within a group's share of the live sessions (holding a
+        KV cache or with a step waiting) when there are several groups."""
+        if self.batch_groups == 1:
+            return self.max_batch_tokens
+        with self._cond:
+            live = self.table.live({p.req.session for p in self._waiting})
+        return min(self.max_batch_tokens, max(1, -(-live // self.batch_groups)))
+
     def take_batch(self) -> list[_Pending]:
         """Waiting steps (or their next chunk) in arrival order up to the token budget, at most one per session
         (its steps are sequential); the rest keep their places. A step part-way through its chunks waits at the
@@ -140,12 +155,12 @@ class StepScheduler:
             batch: list[_Pending] = []
             skipped: list[_Pending] = []
             sessions: set[str] = set()  # taken or passed over: a later step of theirs must not overtake
-            tokens = 0
+            tokens, budget = 0, self.row_budget()
             while self._waiting:
                 item = self._waiting.popleft()
                 remaining = item.size - item.done
                 item.rows = min(remaining, self.prefill_chunk_tokens) if self.prefill_chunk_tokens else remaining
-                if item.req.session in sessions or (batch and tokens + item.rows > self.max_batch_tokens):
+                if item.req.session in sessions or (batch and tokens + item.rows > budget):
                     skipped.append(item)
                     sessions.add(item.req.session)
                     continue
@@ -184,11 +199,12 @@ class StepScheduler:
         if not self.batch_wait or not expected or not self._waiting:
             return
         deadline = self._waiting[0].enqueued + self.batch_wait
+        budget = self.row_budget()
         while self._running:
             here = {p.req.session for p in self._waiting}
             rows = sum(p.size - p.done for p in self._waiting)
             left = deadline - time.perf_counter()
-            if expected <= here or left <= 0 or rows >= self.max_batch_tokens:
+            if expected <= here or left <= 0 or rows >= budget:
                 return
             self._cond.wait(timeout=left)
 

@@ -50,6 +50,11 @@ class SessionTable:
         with self._lock:
             return sum(1 for h in self._held.values() if h.kv is not None)
 
+    def live(self, stepping: set[str]) -> int:
+        """Sessions holding a KV cache, and those in `stepping` (with a step waiting) that hold none yet."""
+        with self._lock:
+            return sum(1 for sid, h in self._held.items() if h.kv is not None or sid in stepping)
+
     def open(self, sid: str, owner: str, quota: int, channel: Channel | None, resume: bool = False) -> Held:
         """Bind `sid` to `owner` with a new channel: a new session, or (resume) a new channel for its own."""
         now = self.clock()

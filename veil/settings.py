@@ -38,6 +38,7 @@ class BundleSettings:
 
 
 MAX_SPECULATIVE_TOKENS = 16  # more drafts than this cost more core time than they can win on a decode step
+MAX_BATCH_GROUPS = 8  # more groups than this leave each forward too few rows to pay for reading the weights
 
 
 @dataclasses.dataclass(slots=True)
@@ -81,6 +82,7 @@ class CoreSettings:
     max_batch_tokens: int = 8192
     prefill_chunk_tokens: int = 512  # a longer step runs in chunks of this many rows beside other decodes; 0 = whole
     batch_wait_ms: float = 0.0  # hold a batch back this long at most for sessions of the last batch; 0 = never
+    batch_groups: int = 1  # a forward takes at most 1/N of the sessions holding KV: 2 where the edge shares the CPU
     max_step_bytes: int = 64 * 1024 * 1024
     max_result_rows: int = 64  # rows one step may ask back (`want`); 413 beyond
     max_queued_steps: int = 1024  # steps waiting for the runner; 503 queue_full (Retry-After) beyond
@@ -182,6 +184,8 @@ class Settings:
             raise ConfigError("core.max_result_rows and core.max_queued_steps must be >= 1, "
                               "core.kv_budget_bytes and core.prefill_chunk_tokens >= 0, "
                               "and core.batch_wait_ms in [0, 1000]")
+        if not 1 <= self.core.batch_groups <= MAX_BATCH_GROUPS:
+            raise ConfigError(f"core.batch_groups must be in [1, {MAX_BATCH_GROUPS}]")
         if self.core.locker_after_seconds <= 0 or self.locker.ttl_seconds < 1 or self.locker.max_snapshot_bytes < 1:
             raise ConfigError("core.locker_after_seconds, locker.ttl_seconds and locker.max_snapshot_bytes must be > 0")
         if self.core.device not in ("auto", "cpu", "cuda"):

@@ -231,3 +231,19 @@ def test_without_a_wait_a_batch_starts_with_whatever_waits(parts) -> None:
     finally:
         scheduler.stop()
     assert stack.batches == [[(0, 1), (0, 1)], [(1, 1)]]
+
+
+def test_batch_groups_split_the_sessions_holding_kv_into_alternating_forwards(parts) -> None:
+    scheduler, stack, table, _ = parts
+    grouped = StepScheduler(stack, table, CoreMetrics(), max_batch_tokens=16, batch_groups=2)  # type: ignore[arg-type]
+    assert grouped.row_budget() == 1  # no session holds a KV cache yet
+    firsts = [grouped.enqueue(_req(s, 0, 1)) for s in "abcd"]
+    assert grouped.row_budget() == 2  # four sessions wait for their first step
+    assert grouped.tick() == 2 and grouped.tick() == 2
+    assert table.holding_kv() == 4 and grouped.row_budget() == 2
+    decodes = [grouped.enqueue(_req(s, 1, 1)) for s in "abcd"]
+    assert grouped.tick() == 2 and grouped.tick() == 2  # two groups of two, one forward each
+    assert stack.batches[-2:] == [[(1, 1), (1, 1)], [(1, 1), (1, 1)]]
+    assert all(f.done() for f in firsts + decodes)
+    big = grouped.enqueue(_req("e", 0, 5))  # a step larger than the budget still runs
+    assert grouped.tick() == 1 and big.result(timeout=0).length == 5

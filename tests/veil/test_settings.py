@@ -25,6 +25,7 @@ def test_env_overrides_yaml_and_is_typed(tmp_path: Path) -> None:
     ({"VEIL_EDGE_PORT": "eighty"}, "edge.port must be a int"),
     ({"VEIL_CORE_DEVICE": "tpu"}, "core.device"),
     ({"VEIL_CORE_MAX_SESSIONS": "0"}, "max_sessions"),
+    ({"VEIL_CORE_BATCH_GROUPS": "0"}, "core.batch_groups must be in"),
 ])
 def test_bad_values_fail_with_the_setting_named(env: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
