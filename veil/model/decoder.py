@@ -215,6 +215,8 @@ class DecoderStack:
                 outs = [self._write_and_attend(q, k, v, li, seg, start, layer.window)
                         for seg, start in zip(segments, starts)]
                 attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+            elif not pooled.others:  # every row is one of the pool's decode rows, in order
+                attn = pooled.attend(q, k, v, li, layer.window)
             else:  # the pool's decode rows in one call; any other segment on its own
                 attn = torch.empty((x.shape[0], s.num_heads * hd), dtype=self.dtype, device=self.device)
                 attn[pooled.rows] = pooled.attend(q, k, v, li, layer.window)
@@ -307,10 +309,12 @@ class PooledDecode:
         """Write the rows' keys and values into their slots, attend -> [B, H * hd]."""
         s = self.stack.spec
         b, g, hd = self.rows.shape[0], self.stack.groups, s.head_dim
-        self.pool.k[li, self.slots, :, self.pos] = k[self.rows]
-        self.pool.v[li, self.slots, :, self.pos] = v[self.rows]
+        if self.others:  # else the batch's rows are these rows, in order: no gather
+            q, k, v = q[self.rows], k[self.rows], v[self.rows]
+        self.pool.k[li, self.slots, :, self.pos] = k
+        self.pool.v[li, self.slots, :, self.pos] = v
         queries = self.queries
-        queries[self.local] = q[self.rows].view(b, s.num_kv_heads, g, hd)
+        queries[self.local] = q.view(b, s.num_kv_heads, g, hd)
         keys = self.pool.k[li, self.lo : self.hi, :, : self.tmax]  # views: no copy of anyone's cache
         values = self.pool.v[li, self.lo : self.hi, :, : self.tmax]
         out = self._attention(queries, keys, values, window)
