@@ -14,7 +14,9 @@ team of worker threads for each thread that ever ran a parallel op, for as long 
 lives. Once a process holds more such threads than it has CPUs, every team's workers stop spinning
 between ops and sleep on a futex instead: a load on the main thread made each later head GEMM on
 this one wait on wake-ups, and FBGEMM's int8 products ran 2-3x slower. One team per process keeps
-them spinning.
+them spinning. A thread other than this one that fills a vocabulary-sized tensor is enough (torch fills
+above 32,768 elements in parallel): vectors made on the event loop or a request's worker thread come from
+`zeros`, which NumPy fills.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import concurrent.futures
 import contextvars
 import functools
 from typing import Callable, ParamSpec, TypeVar
+
+import numpy as np
+import torch
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -47,3 +52,8 @@ class ComputeThread:
     def close(self) -> None:
         """Queued calls are dropped; a call already running finishes on its own."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def zeros(size: int, dtype: torch.dtype) -> torch.Tensor:
+    """A zero vector filled by NumPy, for a thread that must not start an OpenMP team (see above)."""
+    return torch.from_numpy(np.zeros(size, dtype=torch.empty((), dtype=dtype).numpy().dtype))

@@ -18,6 +18,7 @@ import llguidance.hf
 import numpy as np
 import torch
 
+from edge_proxy.compute import zeros
 from veil.errors import InvalidRequest
 
 # How JSON is laid out under a grammar: one space after ',' and ':', no other whitespace, so a small
@@ -47,7 +48,7 @@ class Constraint:
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos_ids: frozenset[int]):
         self.matcher, self.vocab_size = matcher, vocab_size
-        self._eos_only = torch.zeros(vocab_size, dtype=torch.bool)
+        self._eos_only = zeros(vocab_size, torch.bool)  # made on a request's worker thread (see edge_proxy.compute)
         self._eos_only[list(eos_ids)] = True
 
     @property

@@ -7,6 +7,8 @@ import secrets
 
 import torch
 
+from edge_proxy.compute import zeros
+
 
 @dataclasses.dataclass(slots=True)
 class SamplingParams:
@@ -30,7 +32,8 @@ class Sampler:
             params.seed if params.seed is not None else secrets.randbits(63)
         )
         penalised = bool(params.presence_penalty or params.frequency_penalty)
-        self.counts = torch.zeros(vocab_size, dtype=torch.float64) if penalised else None
+        # made on the event loop: filled by NumPy (see edge_proxy.compute)
+        self.counts = zeros(vocab_size, torch.float64) if penalised else None
         self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
         if params.logit_bias:
             ids = torch.tensor(list(params.logit_bias.keys()), dtype=torch.long)
