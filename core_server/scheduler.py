@@ -12,8 +12,8 @@ most `batch_wait_ms` after its oldest step arrived. One stream alone never waits
 
 Groups: where the edge runs on the same CPU cores as the core, a forward of every stream leaves the edge idle
 while it runs, and the core idle while the edge samples and sends all of them. With `batch_groups` N a forward
-takes at most 1/N of the sessions holding a KV cache, so the groups' forwards alternate with the edge's work
-on the others instead of waiting for it.
+takes at most 1/N of the live sessions (holding a KV cache or with a step waiting), so the groups' forwards
+alternate with the edge's work on the others instead of waiting for it.
 """
 
 from __future__ import annotations

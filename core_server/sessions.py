@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable, Set
 
 from veil.channel import Channel
 from veil.errors import Conflict, NotFound, PayloadTooLarge, RateLimited
@@ -47,10 +47,9 @@ class SessionTable:
         return len(self._held)
 
     def holding_kv(self) -> int:
-        with self._lock:
-            return sum(1 for h in self._held.values() if h.kv is not None)
+        return self.live(frozenset())
 
-    def live(self, stepping: set[str]) -> int:
+    def live(self, stepping: Set[str]) -> int:
         """Sessions holding a KV cache, and those in `stepping` (with a step waiting) that hold none yet."""
         with self._lock:
             return sum(1 for sid, h in self._held.items() if h.kv is not None or sid in stepping)

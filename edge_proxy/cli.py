@@ -43,7 +43,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
               f"  {plane.bootstrap_secret}\n", flush=True)
     compute = ComputeThread()  # loads the model where its tensor work will run: one OpenMP team (see compute.py)
     model = compute.call(EdgeModel.load, settings.edge_bundle_dir(), key_source(settings), settings.edge.quantize)
-    uvicorn.run(create_app(settings, model, plane=plane, compute=compute), host=settings.edge.host, port=settings.edge.port,
+    uvicorn.run(create_app(settings, model, plane=plane, compute=compute),
+                host=settings.edge.host, port=settings.edge.port,
                 log_config=None, access_log=False, timeout_graceful_shutdown=5,
                 # above the 5 s for which httpx (and so the openai client) reuses an idle connection: at
                 # equal timeouts a request sent as the server closes the connection fails

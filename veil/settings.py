@@ -82,7 +82,7 @@ class CoreSettings:
     max_batch_tokens: int = 8192
     prefill_chunk_tokens: int = 512  # a longer step runs in chunks of this many rows beside other decodes; 0 = whole
     batch_wait_ms: float = 0.0  # hold a batch back this long at most for sessions of the last batch; 0 = never
-    batch_groups: int = 1  # a forward takes at most 1/N of the sessions holding KV: 2 where the edge shares the CPU
+    batch_groups: int = 1  # a forward takes at most 1/N of the live sessions: 2 where the edge shares the CPU
     max_step_bytes: int = 64 * 1024 * 1024
     max_result_rows: int = 64  # rows one step may ask back (`want`); 413 beyond
     max_queued_steps: int = 1024  # steps waiting for the runner; 503 queue_full (Retry-After) beyond

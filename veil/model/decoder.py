@@ -252,9 +252,7 @@ class PooledDecode:
         self.ends = self.pos + 1
         self.tmax = max(seg.end for seg in segments)
         self._masks: dict[int | None, torch.Tensor] = {}
-        spec = stack.spec
-        self.scale = spec.head_dim ** -0.5  # scaled_dot_product_attention's default, as the reference model uses
-        # one query buffer for every layer: the rows of slots outside the batch stay zero
+        spec = stack.spec  # one query buffer for every layer: the rows of slots outside the batch stay zero
         self.queries = torch.zeros((self.hi - self.lo, spec.num_kv_heads, stack.groups, spec.head_dim),
                                    dtype=stack.dtype, device=device)
         # Masked keys get weight 0, but 0 x NaN is NaN: a slot's never-written memory past a session's end (up to
@@ -276,9 +274,9 @@ class PooledDecode:
         return cls(stack, pool, [segments[i] for i in decode], [starts[i] for i in decode], others)
 
     def mask(self, window: int | None) -> torch.Tensor:
-        """[R, 1, 1, tmax] True where a batch row's query sees a key (as an additive 0 / -inf mask on a CPU);
-        rows of slots outside the batch see key 0 only (their output is dropped, and a row that sees nothing
-        would be NaN)."""
+        """[R, 1, 1, tmax] additive mask, 0 where a batch row's query sees a key and -inf elsewhere; rows of
+        slots outside the batch see key 0 only (their output is dropped, and a row that sees nothing would be
+        NaN)."""
         if window not in self._masks:
             r = self.hi - self.lo
             keys = torch.arange(self.tmax, device=self.stack.device)[None, :]
@@ -288,9 +286,8 @@ class PooledDecode:
             mask = torch.zeros((r, self.tmax), dtype=torch.bool, device=self.stack.device)
             mask[:, 0] = True
             mask[self.local] = seen
-            if self.stack.device.type == "cpu":
-                mask = torch.zeros(mask.shape, dtype=self.stack.dtype).masked_fill_(~mask, float("-inf"))
-            self._masks[window] = mask[:, None, None, :]
+            additive = torch.zeros(mask.shape, dtype=self.stack.dtype, device=self.stack.device)
+            self._masks[window] = additive.masked_fill_(~mask, float("-inf"))[:, None, None, :]
         return self._masks[window]
 
     def _attention(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -302,7 +299,8 @@ class PooledDecode:
         is -inf; its memory was zeroed, so the score is finite before the mask and its weight exactly 0."""
         if self.stack.device.type != "cpu":
             return F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask(window))
-        scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(self.scale).add_(self.mask(window))
+        scale = self.stack.spec.head_dim ** -0.5  # scaled_dot_product_attention's default, as the reference uses
+        scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scale).add_(self.mask(window))
         return torch.matmul(torch.softmax(scores, dim=-1), values)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, li: int, window: int | None) -> torch.Tensor:
