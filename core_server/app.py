@@ -113,7 +113,8 @@ def load_engine(settings: Settings) -> tuple[CoreEngine, int, int]:
     sessions = plan_kv(layers=spec.num_layers, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=stack.dtype,
                        max_tokens=max_tokens, max_sessions=core.max_sessions,
                        budget_bytes=core.kv_budget_bytes or int(AUTO_SHARE * free_bytes(device)))
-    return NativeEngine(stack, sessions, max_tokens), sessions, max_tokens
+    return NativeEngine(stack, sessions, max_tokens, cuda_graphs=core.cuda_graphs and device.type == "cuda"), \
+        sessions, max_tokens
 
 
 def _load(state: CoreState) -> None:

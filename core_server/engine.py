@@ -15,6 +15,7 @@ from typing import Protocol, Sequence
 import torch
 
 from veil.bundle import CoreSpec
+from veil.model.decode_graphs import DecodeGraphs
 from veil.model.decoder import DecoderStack
 from veil.model.kv import Positions, Segment, Session
 
@@ -53,14 +54,16 @@ def kv_bytes_per_token(spec: CoreSpec, dtype: torch.dtype) -> int:
 
 class NativeEngine:
     """Veil's own stack over a KV pool made at start: projections and MLPs over the whole batch, the decode
-    rows' attention in one call per layer, a prefill's attention per session."""
+    rows' attention in one call per layer, a prefill's attention per session. With `cuda_graphs`, a batch of
+    decode rows only runs as a CUDA graph replay (veil.model.decode_graphs)."""
 
     name = "native"
     verifies_drafts = True  # every row's state is computed anyway: an edge may send draft tokens to verify
 
-    def __init__(self, stack: DecoderStack, sessions: int, limit: int):
+    def __init__(self, stack: DecoderStack, sessions: int, limit: int, *, cuda_graphs: bool = False):
         self.stack, self.spec, self.device, self.dtype = stack, stack.spec, stack.device, stack.dtype
         self.pool = stack.new_pool(sessions, limit)
+        self.graphs = DecodeGraphs(stack, self.pool, capture=True) if cuda_graphs else None
         self.rows_computed = 0
 
     @property
@@ -73,7 +76,11 @@ class NativeEngine:
 
     def run(self, steps: Sequence[EngineStep]) -> list[torch.Tensor]:
         x = torch.cat([s.hidden for s in steps])
-        out = self.stack.step(x, [s.segment for s in steps])
+        segments = [s.segment for s in steps]
+        if self.graphs is not None and self.graphs.takes(segments):
+            out = self.graphs.step(x, segments)
+        else:
+            out = self.stack.step(x, segments)
         self.rows_computed += x.shape[0]
         # one gather and one device-to-host copy for the whole batch
         rows: list[int] = []

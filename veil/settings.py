@@ -71,6 +71,7 @@ class CoreSettings:
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     quantize: str = "none"  # none | int8: the native engine's blocks as int8 weights with per-row 8-bit activations
     # (a float32 CPU core only; see veil/model/int8.py)
+    cuda_graphs: bool = True  # native engine on CUDA: decode steps replay CUDA graphs (one per batch and key bucket)
     engine: str = "native"  # native (Veil's own loop) | vllm (vLLM in the core's process; needs vLLM installed)
     python: str = ""  # interpreter `veil up` runs the core with (the vllm engine's own venv); empty = this one
     tensor_parallel_size: int = 1  # vllm engine: GPUs one model is split over

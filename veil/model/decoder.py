@@ -176,6 +176,28 @@ class DecoderStack:
         kv.v[li, :, span] = v[rows].transpose(0, 1)
         return self._attend(q[rows], li, seg, window)
 
+    def attention_inputs(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A block's first half: x [N, d] -> rotated q [N, H, hd], k [N, KV, hd] and v [N, KV, hd]."""
+        s = self.spec
+        hd, eps = s.head_dim, s.rms_norm_eps
+        qkv = layer.qkv(F.rms_norm(x, (s.hidden_size,), eps=eps))
+        v = qkv[:, self.q_rows + self.kv_rows :].view(-1, s.num_kv_heads, hd)
+        if layer.q_norm is None:  # query and key heads rotated in one call
+            qk = self.apply_rope(qkv[:, : self.q_rows + self.kv_rows].view(-1, s.num_heads + s.num_kv_heads, hd),
+                                 cos, sin)
+            return qk[:, : s.num_heads], qk[:, s.num_heads :], v
+        q = qkv[:, : self.q_rows].view(-1, s.num_heads, hd)
+        k = qkv[:, self.q_rows : self.q_rows + self.kv_rows].view(-1, s.num_kv_heads, hd)
+        q = self.apply_rope(F.rms_norm(q, (hd,), layer.q_norm, eps), cos, sin)
+        return q, self.apply_rope(F.rms_norm(k, (hd,), layer.k_norm, eps), cos, sin), v
+
+    def block_output(self, layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """A block's second half: the residual stream x [N, d] plus attention's output [N, H * hd], then the MLP."""
+        x = x + layer.o(attn)
+        gate, up = layer.gate_up(F.rms_norm(x, (self.spec.hidden_size,), eps=self.spec.rms_norm_eps)).chunk(2, dim=-1)
+        return x + layer.down(F.silu(gate) * up)
+
     def step(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
         """x [N, d] rotated inputs, the segments' rows in order -> [N, d] rotated residual stream after the
         last block; each session then holds its segment (a failed forward commits nothing)."""
@@ -196,21 +218,9 @@ class DecoderStack:
         x = x.to(device=self.device, dtype=self.dtype)
         positions = torch.cat([torch.arange(seg.offset, seg.end, device=self.device) for seg in segments])
         cos, sin = self.rope(positions)
-        hd, eps = s.head_dim, s.rms_norm_eps
-        heads = s.num_heads + s.num_kv_heads  # query and key heads, rotated in one call
         pooled = PooledDecode.of(segments, starts, self)
         for li, layer in enumerate(self.layers):
-            h = F.rms_norm(x, (s.hidden_size,), eps=eps)
-            qkv = layer.qkv(h)
-            v = qkv[:, self.q_rows + self.kv_rows :].view(-1, s.num_kv_heads, hd)
-            if layer.q_norm is None:
-                qk = self.apply_rope(qkv[:, : self.q_rows + self.kv_rows].view(-1, heads, hd), cos, sin)
-                q, k = qk[:, : s.num_heads], qk[:, s.num_heads :]
-            else:
-                q = qkv[:, : self.q_rows].view(-1, s.num_heads, hd)
-                k = qkv[:, self.q_rows : self.q_rows + self.kv_rows].view(-1, s.num_kv_heads, hd)
-                q = self.apply_rope(F.rms_norm(q, (hd,), layer.q_norm, eps), cos, sin)
-                k = self.apply_rope(F.rms_norm(k, (hd,), layer.k_norm, eps), cos, sin)
+            q, k, v = self.attention_inputs(layer, x, cos, sin)
             if pooled is None:
                 outs = [self._write_and_attend(q, k, v, li, seg, start, layer.window)
                         for seg, start in zip(segments, starts)]
@@ -218,15 +228,12 @@ class DecoderStack:
             elif not pooled.others:  # every row is one of the pool's decode rows, in order
                 attn = pooled.attend(q, k, v, li, layer.window)
             else:  # the pool's decode rows in one call; any other segment on its own
-                attn = torch.empty((x.shape[0], s.num_heads * hd), dtype=self.dtype, device=self.device)
+                attn = torch.empty((x.shape[0], s.num_heads * s.head_dim), dtype=self.dtype, device=self.device)
                 attn[pooled.rows] = pooled.attend(q, k, v, li, layer.window)
                 for i in pooled.others:
                     seg, start = segments[i], starts[i]
                     attn[start : start + seg.n] = self._write_and_attend(q, k, v, li, seg, start, layer.window)
-            x = x + layer.o(attn)
-            h = F.rms_norm(x, (s.hidden_size,), eps=eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x = self.block_output(layer, x, attn)
         return x
 
 

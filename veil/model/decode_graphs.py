@@ -1,0 +1,155 @@
+"""Decode steps of pooled sessions at fixed shapes, replayed as CUDA graphs on a GPU.
+
+A decode step launches about twenty kernels a block. At batch 1 an 8B-shape block reads its weights in about
+0.1 ms on an H200, less than Python and the driver take to launch its kernels one by one, so an eager step
+leaves the GPU waiting on the host. A CUDA graph records a step's kernels once and launches them in one call,
+but fixes every shape and address it recorded. So the step here is written for fixed shapes:
+
+- a batch bucket B >= the step's rows: the rows past the step's are copies of its first row (same slot, same
+  position), which write the same key and value to the same place and whose outputs are dropped;
+- a key bucket T >= the longest session: every row attends over its slot's first T positions, a mask hiding
+  those past its own. Masked keys weigh 0, but 0 x NaN is NaN, so a slot's positions past its session's are
+  zeroed the first time a session reaches this path (a fresh `torch.empty` pool can hold NaN bit patterns);
+- the rows, slots and positions are copied into buffers the graph reads, and its output is copied out before the
+  next graph (all share one memory pool) runs.
+
+Graphs are captured lazily, one per (B, T) pair met, on the thread that runs the steps. Without capture (the
+CPU, and the tests that compare this path with the eager one) the same fixed-shape forward runs eagerly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+import weakref
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from veil.model.decoder import DecoderStack
+from veil.model.kv import KVPool, PooledSession, Segment
+
+log = logging.getLogger("veil.model.graphs")
+KEY_BUCKET = 64  # the shortest key bucket; each next one doubles, up to the pool's token limit
+WARMUPS = 2  # eager runs before a capture, on a side stream, as torch's graph docs ask (lazy library set-up)
+
+
+def buckets(first: int, top: int) -> list[int]:
+    """first, 2·first, 4·first, ... below top, then top."""
+    out, size = [], first
+    while size < top:
+        out.append(size)
+        size *= 2
+    return out + [top]
+
+
+class DecodeGraphs:
+    """Runs batches of decode rows (one new position each) of one pool's sessions at fixed shapes."""
+
+    def __init__(self, stack: DecoderStack, pool: KVPool, *, capture: bool):
+        assert not capture or stack.device.type == "cuda", "CUDA graphs need a CUDA stack"
+        self.stack, self.pool, self.capture = stack, pool, capture
+        self.batch_sizes = buckets(1, pool.slots)
+        self.key_lengths = buckets(min(KEY_BUCKET, pool.limit), pool.limit)
+        self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # B -> rows [B, d], index [2, B]
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._mempool = torch.cuda.graph_pool_handle() if capture else None
+        self._owners: list[weakref.ref[PooledSession] | None] = [None] * pool.slots
+        self.batches = 0  # decode batches run this way
+
+    def takes(self, segments: Sequence[Segment]) -> bool:
+        """Every segment is one decode row of a session in this pool."""
+        return 0 < len(segments) <= self.pool.slots and all(
+            seg.n == 1 and isinstance(seg.session, PooledSession) and seg.session.pool is self.pool
+            for seg in segments)
+
+    def step(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+        """x [N, d], one row per segment -> [N, d] after the last block; each session then holds its segment."""
+        assert self.takes(segments) and x.shape == (len(segments), self.stack.spec.hidden_size)
+        assert len({id(seg.session) for seg in segments}) == len(segments), "one segment per session per step"
+        with torch.inference_mode():
+            out = self._run(x, segments)
+        for seg in segments:
+            seg.session.commit(seg)
+        self.batches += 1
+        return out
+
+    def _run(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+        n = len(segments)
+        b = self.batch_sizes[bisect.bisect_left(self.batch_sizes, n)]
+        t = self.key_lengths[bisect.bisect_left(self.key_lengths, max(seg.end for seg in segments))]
+        sessions: list[PooledSession] = [seg.session for seg in segments]  # type: ignore[misc]
+        for seg, session in zip(segments, sessions):
+            self._clear_past_end(session, seg.end)
+        rows, index = self._buffers(b)
+        rows[:n].copy_(x)
+        rows[n:].copy_(x[:1].expand(b - n, -1))
+        pad = b - n  # padding rows repeat the first row's slot and position
+        index.copy_(torch.tensor([[s.slot for s in sessions] + [sessions[0].slot] * pad,
+                                  [seg.offset for seg in segments] + [segments[0].offset] * pad]))
+        if not self.capture:
+            return self.forward(rows, index[0], index[1], t)[:n]
+        graph, out = self._graph(b, t)
+        graph.replay()
+        return out[:n].clone()  # the next graph may reuse the memory its output lives in
+
+    def _clear_past_end(self, session: PooledSession, end: int) -> None:
+        """Zero a slot's positions past `end` the first time its session comes here (see the module's notes)."""
+        owner = self._owners[session.slot]
+        if owner is not None and owner() is session:
+            return
+        self.pool.k[:, session.slot, :, end:].zero_()
+        self.pool.v[:, session.slot, :, end:].zero_()
+        self._owners[session.slot] = weakref.ref(session)
+
+    def _buffers(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if b not in self._inputs:
+            stack = self.stack
+            self._inputs[b] = (torch.zeros((b, stack.spec.hidden_size), dtype=stack.dtype, device=stack.device),
+                               torch.zeros((2, b), dtype=torch.long, device=stack.device))
+        return self._inputs[b]
+
+    def _graph(self, b: int, t: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The graph of bucket (b, t), captured now if it is new. The warm-up runs compute what the replay will
+        (the same keys and values into the same places), so running them is harmless."""
+        if (b, t) not in self._graphs:
+            started = time.perf_counter()
+            rows, index = self._inputs[b]
+            side = torch.cuda.Stream(self.stack.device)
+            side.wait_stream(torch.cuda.current_stream(self.stack.device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUPS):
+                    self.forward(rows, index[0], index[1], t)
+            torch.cuda.current_stream(self.stack.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
+                out = self.forward(rows, index[0], index[1], t)
+            self._graphs[b, t] = (graph, out)
+            log.info("decode graph captured rows=%d keys=%d capture_ms=%.0f graphs=%d", b, t,
+                     (time.perf_counter() - started) * 1000, len(self._graphs))
+        return self._graphs[b, t]
+
+    def forward(self, x: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, t: int) -> torch.Tensor:
+        """The fixed-shape step: x [B, d] rows at positions pos [B] of slots [B] -> [B, d]; every shape depends on
+        (B, t) alone and nothing is read back to the host, so it can be captured."""
+        stack, pool, spec = self.stack, self.pool, self.stack.spec
+        b, kv, g, hd = x.shape[0], spec.num_kv_heads, stack.groups, spec.head_dim
+        cos, sin = stack.rope(pos)
+        keys_at = torch.arange(t, device=stack.device)[None, :]
+        seen = keys_at <= pos[:, None]  # [B, t]
+        masks: dict[int | None, torch.Tensor] = {}
+        for window in set(spec.sliding_windows):
+            visible = seen if window is None else seen & (keys_at > pos[:, None] - window)
+            zeros = torch.zeros(visible.shape, dtype=stack.dtype, device=stack.device)
+            masks[window] = zeros.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+        for li, layer in enumerate(stack.layers):
+            q, k, v = stack.attention_inputs(layer, x, cos, sin)
+            pool.k[li, slots, :, pos] = k
+            pool.v[li, slots, :, pos] = v
+            keys = pool.k[li, :, :, :t].index_select(0, slots)  # [B, KV, t, hd]: only the batch's slots
+            values = pool.v[li, :, :, :t].index_select(0, slots)
+            attn = F.scaled_dot_product_attention(q.view(b, kv, g, hd), keys, values, attn_mask=masks[layer.window])
+            x = stack.block_output(layer, x, attn.reshape(b, spec.num_heads * hd))
+        return x
