@@ -22,6 +22,7 @@ script, not to measure a GPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -68,14 +69,14 @@ def _device_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> 
 
 def bandwidth(device: torch.device) -> dict[str, float]:
     n = (4 * 2**30 if device.type == "cuda" else 2**28) // 2  # 4 GiB of bfloat16 on a GPU
-    a = torch.randn(n, device=device, dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    copy_ms = _device_ms(lambda: b.copy_(a), 10, device)
-    big = torch.cat([a, b.normal_()])
-    del a, b
-    sum_ms = _device_ms(lambda: big.sum(dtype=torch.float32), 10, device)
-    out = {"copy": 2 * n * 2 / (copy_ms / 1e3), "read": big.nbytes / (sum_ms / 1e3)}
-    del big
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_ms = _device_ms(functools.partial(dst.copy_, src), 10, device)
+    whole = torch.cat([src, dst.normal_()])
+    del src, dst
+    sum_ms = _device_ms(functools.partial(torch.sum, whole, dtype=torch.float32), 10, device)
+    out = {"copy": 2 * n * 2 / (copy_ms / 1e3), "read": whole.nbytes / (sum_ms / 1e3)}
+    del whole
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out

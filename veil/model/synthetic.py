@@ -12,6 +12,7 @@ import torch
 
 from veil.bundle import CoreSpec
 from veil.model.decoder import DecoderStack
+from veil.model.linear import Linear
 
 ROPE_THETA = 500_000.0  # Llama 3's
 
@@ -58,9 +59,11 @@ def random_stack(spec: CoreSpec, device: torch.device, dtype: torch.dtype, seed:
 
 
 def weight_bytes(stack: DecoderStack) -> int:
-    """Bytes of weights one forward reads: every projection of every layer (norm gains are folded in)."""
+    """Bytes of weights one forward reads: every projection of every layer (norm gains are folded in); for a
+    stack of plain (not int8) layers."""
     total = 0
     for layer in stack.layers:
         for proj in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            assert isinstance(proj, Linear), "an int8 stack's bytes are its packed weights'"
             total += proj.weight.nbytes
     return total
