@@ -90,5 +90,6 @@ class NativeEngine:
             rows.extend(start + (w % s.segment.n) for w in s.want)
             counts.append(len(s.want))
             start += s.segment.n
-        picked = out.index_select(0, torch.tensor(rows, device=out.device)).to("cpu", torch.float32)
-        return list(picked.split(counts))
+        if rows != list(range(out.shape[0])):  # else every row is wanted, in order (a batch of decode rows)
+            out = out.index_select(0, torch.tensor(rows, device=out.device))
+        return list(out.to("cpu", torch.float32).split(counts))

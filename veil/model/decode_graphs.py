@@ -10,8 +10,10 @@ but fixes every shape and address it recorded. So the step here is written for f
 - a key bucket T >= the longest session: every row attends over its slot's first T positions, a mask hiding
   those past its own. Masked keys weigh 0, but 0 x NaN is NaN, so a slot's positions past its session's are
   zeroed the first time a session reaches this path (a fresh `torch.empty` pool can hold NaN bit patterns);
-- the rows, slots and positions are copied into buffers the graph reads, and its output is copied out before the
-  next graph (all share one memory pool) runs.
+- a step's rows, slots and positions go to the GPU in one copy, from pinned memory, as one float32 buffer the graph
+  reads (slots and positions are exact in float32 below 2**24); the graph casts the rows and writes its output
+  as float32, which comes back in one copy before the next graph (all share one memory pool) runs. So a step
+  costs the host four calls: the copy in, the replay, the copy out and a wait.
 
 Graphs are captured lazily, one per (B, T) pair met, on the thread that runs the steps. Without capture (the
 CPU, and the tests that compare this path with the eager one) the same fixed-shape forward runs eagerly.
@@ -50,10 +52,12 @@ class DecodeGraphs:
 
     def __init__(self, stack: DecoderStack, pool: KVPool, *, capture: bool):
         assert not capture or stack.device.type == "cuda", "CUDA graphs need a CUDA stack"
+        assert pool.limit < 2**24, "positions travel as float32"
         self.stack, self.pool, self.capture = stack, pool, capture
         self.batch_sizes = buckets(1, pool.slots)
         self.key_lengths = buckets(min(KEY_BUCKET, pool.limit), pool.limit)
-        self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # B -> rows [B, d], index [2, B]
+        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # B -> host in, device in,
+        # host out
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
         self._owners: list[weakref.ref[PooledSession] | None] = [None] * pool.slots
@@ -66,7 +70,8 @@ class DecodeGraphs:
             for seg in segments)
 
     def step(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
-        """x [N, d], one row per segment -> [N, d] after the last block; each session then holds its segment."""
+        """x [N, d], one row per segment -> [N, d] float32 on the host after the last block; each session then holds
+        its segment."""
         assert self.takes(segments) and x.shape == (len(segments), self.stack.spec.hidden_size)
         assert len({id(seg.session) for seg in segments}) == len(segments), "one segment per session per step"
         with torch.inference_mode():
@@ -77,65 +82,76 @@ class DecodeGraphs:
         return out
 
     def _run(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
-        n = len(segments)
+        n, d = len(segments), self.stack.spec.hidden_size
         b = self.batch_sizes[bisect.bisect_left(self.batch_sizes, n)]
         t = self.key_lengths[bisect.bisect_left(self.key_lengths, max(seg.end for seg in segments))]
         sessions: list[PooledSession] = [seg.session for seg in segments]  # type: ignore[misc]
         for seg, session in zip(segments, sessions):
             self._clear_past_end(session, seg.end)
-        rows, index = self._buffers(b)
-        rows[:n].copy_(x)
-        rows[n:].copy_(x[:1].expand(b - n, -1))
-        pad = b - n  # padding rows repeat the first row's slot and position
-        index.copy_(torch.tensor([[s.slot for s in sessions] + [sessions[0].slot] * pad,
-                                  [seg.offset for seg in segments] + [segments[0].offset] * pad]))
-        if not self.capture:
-            return self.forward(rows, index[0], index[1], t)[:n]
-        graph, out = self._graph(b, t)
-        graph.replay()
-        return out[:n].clone()  # the next graph may reuse the memory its output lives in
+        host_in, device_in, host_out = self._buffers(b)
+        host_in[:n, :d].copy_(x)
+        host_in[n:, :d].copy_(x[:1].expand(b - n, -1))  # padding rows repeat the first row, slot and position
+        index = [[s.slot, seg.offset] for s, seg in zip(sessions, segments)]
+        host_in[:, d:].copy_(torch.tensor(index + index[:1] * (b - n)))
+        if device_in is not host_in:
+            device_in.copy_(host_in, non_blocking=True)
+        if self.capture:
+            graph, out = self._graph(b, t)
+            graph.replay()
+        else:
+            out = self.forward(device_in, t)
+        if out.device.type == "cpu":
+            return out[:n]
+        host_out[:n].copy_(out[:n], non_blocking=True)
+        torch.cuda.current_stream(self.stack.device).synchronize()
+        return host_out[:n].clone()  # the buffer is the next step's
 
     def _clear_past_end(self, session: PooledSession, end: int) -> None:
         """Zero a slot's positions past `end` the first time its session comes here (see the module's notes)."""
         owner = self._owners[session.slot]
         if owner is not None and owner() is session:
             return
-        self.pool.k[:, session.slot, :, end:].zero_()
-        self.pool.v[:, session.slot, :, end:].zero_()
+        self.pool.kv[:, :, session.slot, :, end:].zero_()
         self._owners[session.slot] = weakref.ref(session)
 
-    def _buffers(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if b not in self._inputs:
-            stack = self.stack
-            self._inputs[b] = (torch.zeros((b, stack.spec.hidden_size), dtype=stack.dtype, device=stack.device),
-                               torch.zeros((2, b), dtype=torch.long, device=stack.device))
-        return self._inputs[b]
+    def _buffers(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bucket b's staging: [b, d + 2] float32 rows, slots and positions on the host (pinned for a GPU) and on
+        the device (the same tensor on a CPU), and [b, d] float32 results on the host."""
+        if b not in self._staged:
+            device, d = self.stack.device, self.stack.spec.hidden_size
+            pin = device.type == "cuda"
+            host_in = torch.zeros((b, d + 2), dtype=torch.float32, pin_memory=pin)
+            device_in = torch.zeros((b, d + 2), dtype=torch.float32, device=device) if pin else host_in
+            self._staged[b] = (host_in, device_in, torch.zeros((b, d), dtype=torch.float32, pin_memory=pin))
+        return self._staged[b]
 
     def _graph(self, b: int, t: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The graph of bucket (b, t), captured now if it is new. The warm-up runs compute what the replay will
         (the same keys and values into the same places), so running them is harmless."""
         if (b, t) not in self._graphs:
             started = time.perf_counter()
-            rows, index = self._inputs[b]
+            staged = self._staged[b][1]
             side = torch.cuda.Stream(self.stack.device)
             side.wait_stream(torch.cuda.current_stream(self.stack.device))
             with torch.cuda.stream(side):
                 for _ in range(WARMUPS):
-                    self.forward(rows, index[0], index[1], t)
+                    self.forward(staged, t)
             torch.cuda.current_stream(self.stack.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
-                out = self.forward(rows, index[0], index[1], t)
+                out = self.forward(staged, t)
             self._graphs[b, t] = (graph, out)
             log.info("decode graph captured rows=%d keys=%d capture_ms=%.0f graphs=%d", b, t,
                      (time.perf_counter() - started) * 1000, len(self._graphs))
         return self._graphs[b, t]
 
-    def forward(self, x: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, t: int) -> torch.Tensor:
-        """The fixed-shape step: x [B, d] rows at positions pos [B] of slots [B] -> [B, d]; every shape depends on
-        (B, t) alone and nothing is read back to the host, so it can be captured."""
+    def forward(self, staged: torch.Tensor, t: int) -> torch.Tensor:
+        """The fixed-shape step: staged [B, d + 2] float32 (rows, then slot and position) -> [B, d] float32; every
+        shape depends on (B, t) alone and nothing is read back to the host, so it can be captured."""
         stack, pool, spec = self.stack, self.pool, self.stack.spec
-        b, kv, g, hd = x.shape[0], spec.num_kv_heads, stack.groups, spec.head_dim
+        b, d, kv, g, hd = staged.shape[0], spec.hidden_size, spec.num_kv_heads, stack.groups, spec.head_dim
+        x = staged[:, :d].to(stack.dtype)
+        slots, pos = staged[:, d].long(), staged[:, d + 1].long()
         cos, sin = stack.rope(pos)
         keys_at = torch.arange(t, device=stack.device)[None, :]
         seen = keys_at <= pos[:, None]  # [B, t]
@@ -145,11 +161,11 @@ class DecodeGraphs:
             zeros = torch.zeros(visible.shape, dtype=stack.dtype, device=stack.device)
             masks[window] = zeros.masked_fill_(~visible, float("-inf"))[:, None, None, :]
         for li, layer in enumerate(stack.layers):
-            q, k, v = stack.attention_inputs(layer, x, cos, sin)
-            pool.k[li, slots, :, pos] = k
-            pool.v[li, slots, :, pos] = v
-            keys = pool.k[li, :, :, :t].index_select(0, slots)  # [B, KV, t, hd]: only the batch's slots
-            values = pool.v[li, :, :, :t].index_select(0, slots)
-            attn = F.scaled_dot_product_attention(q.view(b, kv, g, hd), keys, values, attn_mask=masks[layer.window])
+            qkv = stack.attention_inputs(layer, x, cos, sin)
+            # this step's keys and values, side by side in qkv, into their slots in one copy: [B, 2, KV, hd]
+            pool.kv[:, li, slots, :, pos] = qkv[:, stack.q_rows :].view(b, 2, kv, hd)
+            both = pool.kv[:, li, :, :, :t].index_select(1, slots)  # [2, B, KV, t, hd]: the batch's slots only
+            q = qkv[:, : stack.q_rows].view(b, kv, g, hd)
+            attn = F.scaled_dot_product_attention(q, both[0], both[1], attn_mask=masks[layer.window])
             x = stack.block_output(layer, x, attn.reshape(b, spec.num_heads * hd))
-        return x
+        return x.float()

@@ -176,27 +176,39 @@ class DecoderStack:
         kv.v[li, :, span] = v[rows].transpose(0, 1)
         return self._attend(q[rows], li, seg, window)
 
-    def attention_inputs(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor,
-                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A block's first half: x [N, d] -> rotated q [N, H, hd], k [N, KV, hd] and v [N, KV, hd]."""
+    def _rope_into(self, src: torch.Tensor, dst: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """dst = apply_rope(src): the same four ops, the sum written into dst (a view of the qkv output)."""
+        n, heads, hd = src.shape
+        turned = src.view(n, heads, 2, hd // 2).flip(2).view(n, heads, hd)
+        torch.add(src * cos, turned * sin, out=dst)
+
+    def attention_inputs(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """A block's first half: x [N, d] -> its qkv output [N, (H + 2 KV) * hd] with the query and key heads
+        rotated in place, so that each row's key and value heads lie side by side (`heads` splits it)."""
         s = self.spec
         hd, eps = s.head_dim, s.rms_norm_eps
         qkv = layer.qkv(F.rms_norm(x, (s.hidden_size,), eps=eps))
-        v = qkv[:, self.q_rows + self.kv_rows :].view(-1, s.num_kv_heads, hd)
         if layer.q_norm is None:  # query and key heads rotated in one call
-            qk = self.apply_rope(qkv[:, : self.q_rows + self.kv_rows].view(-1, s.num_heads + s.num_kv_heads, hd),
-                                 cos, sin)
-            return qk[:, : s.num_heads], qk[:, s.num_heads :], v
+            qk = qkv[:, : self.q_rows + self.kv_rows].view(-1, s.num_heads + s.num_kv_heads, hd)
+            self._rope_into(qk, qk, cos, sin)
+            return qkv
+        q, k, _ = self.heads(qkv)
+        self._rope_into(F.rms_norm(q, (hd,), layer.q_norm, eps), q, cos, sin)
+        self._rope_into(F.rms_norm(k, (hd,), layer.k_norm, eps), k, cos, sin)
+        return qkv
+
+    def heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of a qkv output: q [N, H, hd], k and v [N, KV, hd]."""
+        s, hd = self.spec, self.spec.head_dim
         q = qkv[:, : self.q_rows].view(-1, s.num_heads, hd)
         k = qkv[:, self.q_rows : self.q_rows + self.kv_rows].view(-1, s.num_kv_heads, hd)
-        q = self.apply_rope(F.rms_norm(q, (hd,), layer.q_norm, eps), cos, sin)
-        return q, self.apply_rope(F.rms_norm(k, (hd,), layer.k_norm, eps), cos, sin), v
+        return q, k, qkv[:, self.q_rows + self.kv_rows :].view(-1, s.num_kv_heads, hd)
 
     def block_output(self, layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """A block's second half: the residual stream x [N, d] plus attention's output [N, H * hd], then the MLP."""
-        x = x + layer.o(attn)
+        x = layer.o.residual(x, attn)
         gate, up = layer.gate_up(F.rms_norm(x, (self.spec.hidden_size,), eps=self.spec.rms_norm_eps)).chunk(2, dim=-1)
-        return x + layer.down(F.silu(gate) * up)
+        return layer.down.residual(x, F.silu(gate) * up)
 
     def step(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
         """x [N, d] rotated inputs, the segments' rows in order -> [N, d] rotated residual stream after the
@@ -220,7 +232,7 @@ class DecoderStack:
         cos, sin = self.rope(positions)
         pooled = PooledDecode.of(segments, starts, self)
         for li, layer in enumerate(self.layers):
-            q, k, v = self.attention_inputs(layer, x, cos, sin)
+            q, k, v = self.heads(self.attention_inputs(layer, x, cos, sin))
             if pooled is None:
                 outs = [self._write_and_attend(q, k, v, li, seg, start, layer.window)
                         for seg, start in zip(segments, starts)]

@@ -151,8 +151,8 @@ class Rows(Positions):
 
 
 class KVPool:
-    """Every session's KV cache in two tensors made once, at start, from the configured limits:
-    [layers, slots, kv_heads, limit, head_dim]. A session holds one slot (the lowest free one, so that the
+    """Every session's KV cache in one tensor made once, at start, from the configured limits: keys and values,
+    each [layers, slots, kv_heads, limit, head_dim]. A session holds one slot (the lowest free one, so that the
     live sessions stay close together and a batch of decode rows reads one contiguous range of slots); its
     slot is free again once nothing refers to the session. On a CPU the memory is only committed as slots
     are written; on a GPU it is reserved whole, so the plan is checked where it matters."""
@@ -161,8 +161,10 @@ class KVPool:
                  device: torch.device):
         assert slots >= 1 and limit >= 1
         self.slots, self.limit = slots, limit
-        self.k = torch.empty((layers, slots, kv_heads, limit, head_dim), dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
+        # keys and values are the two halves of one tensor, so a step's keys and values of a layer (adjacent in
+        # its qkv output) are written by one indexed copy and a batch's slots gathered by one (decode_graphs)
+        self.kv = torch.empty((2, layers, slots, kv_heads, limit, head_dim), dtype=dtype, device=device)
+        self.k, self.v = self.kv[0], self.kv[1]
         self._free = list(range(slots))  # a heap: the lowest free slot first
         self._freed = threading.Condition()
 
