@@ -75,7 +75,7 @@ class NativeEngine:
         return self.pool.session()
 
     def run(self, steps: Sequence[EngineStep]) -> list[torch.Tensor]:
-        x = torch.cat([s.hidden for s in steps])
+        x = steps[0].hidden if len(steps) == 1 else torch.cat([s.hidden for s in steps])
         segments = [s.segment for s in steps]
         if self.graphs is not None and self.graphs.takes(segments):
             out = self.graphs.step(x, segments)

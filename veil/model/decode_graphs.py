@@ -47,6 +47,18 @@ def buckets(first: int, top: int) -> list[int]:
     return out + [top]
 
 
+class _Staging:
+    """Batch bucket b's buffers: [b, d + 2] float32 rows, slots and positions on the host (pinned for a GPU) and on
+    the device (the same tensor on a CPU), and [b, d] float32 results on the host; with NumPy views of the host's."""
+
+    def __init__(self, b: int, d: int, device: torch.device):
+        pin = device.type == "cuda"
+        self.host_in = torch.zeros((b, d + 2), dtype=torch.float32, pin_memory=pin)
+        self.device_in = torch.zeros((b, d + 2), dtype=torch.float32, device=device) if pin else self.host_in
+        self.host_out = torch.zeros((b, d), dtype=torch.float32, pin_memory=pin)
+        self.host_in_array, self.host_out_array = self.host_in.numpy(), self.host_out.numpy()
+
+
 class DecodeGraphs:
     """Runs batches of decode rows (one new position each) of one pool's sessions at fixed shapes."""
 
@@ -56,8 +68,7 @@ class DecodeGraphs:
         self.stack, self.pool, self.capture = stack, pool, capture
         self.batch_sizes = buckets(1, pool.slots)
         self.key_lengths = buckets(min(KEY_BUCKET, pool.limit), pool.limit)
-        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # B -> host in, device in,
-        # host out
+        self._staged: dict[int, _Staging] = {}
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
         self._owners: list[weakref.ref[PooledSession] | None] = [None] * pool.slots
@@ -88,23 +99,26 @@ class DecodeGraphs:
         sessions: list[PooledSession] = [seg.session for seg in segments]  # type: ignore[misc]
         for seg, session in zip(segments, sessions):
             self._clear_past_end(session, seg.end)
-        host_in, device_in, host_out = self._buffers(b)
-        host_in[:n, :d].copy_(x)
-        host_in[n:, :d].copy_(x[:1].expand(b - n, -1))  # padding rows repeat the first row, slot and position
-        index = [[s.slot, seg.offset] for s, seg in zip(sessions, segments)]
-        host_in[:, d:].copy_(torch.tensor(index + index[:1] * (b - n)))
-        if device_in is not host_in:
-            device_in.copy_(host_in, non_blocking=True)
+        staging = self._buffers(b)
+        # filled through NumPy: a torch op costs the host tens of microseconds on some GPU machines, while the GPU
+        # waits for this step's copy
+        host = staging.host_in_array
+        host[:n, :d] = x.to(torch.float32).numpy()
+        host[:n, d] = [s.slot for s in sessions]
+        host[:n, d + 1] = [seg.offset for seg in segments]
+        host[n:] = host[0]  # padding rows repeat the first row, slot and position
+        if staging.device_in is not staging.host_in:
+            staging.device_in.copy_(staging.host_in, non_blocking=True)
         if self.capture:
             graph, out = self._graph(b, t)
             graph.replay()
         else:
-            out = self.forward(device_in, t)
+            out = self.forward(staging.device_in, t)
         if out.device.type == "cpu":
             return out[:n]
-        host_out[:n].copy_(out[:n], non_blocking=True)
+        staging.host_out.copy_(out, non_blocking=True)
         torch.cuda.current_stream(self.stack.device).synchronize()
-        return host_out[:n].clone()  # the buffer is the next step's
+        return torch.from_numpy(staging.host_out_array[:n].copy())  # the buffer is the next step's
 
     def _clear_past_end(self, session: PooledSession, end: int) -> None:
         """Zero a slot's positions past `end` the first time its session comes here (see the module's notes)."""
@@ -114,15 +128,9 @@ class DecodeGraphs:
         self.pool.kv[:, :, session.slot, :, end:].zero_()
         self._owners[session.slot] = weakref.ref(session)
 
-    def _buffers(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Bucket b's staging: [b, d + 2] float32 rows, slots and positions on the host (pinned for a GPU) and on
-        the device (the same tensor on a CPU), and [b, d] float32 results on the host."""
+    def _buffers(self, b: int) -> _Staging:
         if b not in self._staged:
-            device, d = self.stack.device, self.stack.spec.hidden_size
-            pin = device.type == "cuda"
-            host_in = torch.zeros((b, d + 2), dtype=torch.float32, pin_memory=pin)
-            device_in = torch.zeros((b, d + 2), dtype=torch.float32, device=device) if pin else host_in
-            self._staged[b] = (host_in, device_in, torch.zeros((b, d), dtype=torch.float32, pin_memory=pin))
+            self._staged[b] = _Staging(b, self.stack.spec.hidden_size, self.stack.device)
         return self._staged[b]
 
     def _graph(self, b: int, t: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -130,7 +138,7 @@ class DecodeGraphs:
         (the same keys and values into the same places), so running them is harmless."""
         if (b, t) not in self._graphs:
             started = time.perf_counter()
-            staged = self._staged[b][1]
+            staged = self._staged[b].device_in
             side = torch.cuda.Stream(self.stack.device)
             side.wait_stream(torch.cuda.current_stream(self.stack.device))
             with torch.cuda.stream(side):
