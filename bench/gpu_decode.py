@@ -152,7 +152,7 @@ def main() -> None:
     if args.sdpa:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel([SDPBackend[args.sdpa.upper()]]):
+        with sdpa_kernel([getattr(SDPBackend, args.sdpa.upper())]):
             run(args)
     else:
         run(args)
