@@ -92,4 +92,6 @@ class NativeEngine:
             start += s.segment.n
         if rows != list(range(out.shape[0])):  # else every row is wanted, in order (a batch of decode rows)
             out = out.index_select(0, torch.tensor(rows, device=out.device))
-        return list(out.to("cpu", torch.float32).split(counts))
+        if out.device.type != "cpu" or out.dtype != torch.float32:
+            out = out.to("cpu", torch.float32)
+        return list(out.split(counts))

@@ -103,7 +103,7 @@ class DecodeGraphs:
         # filled through NumPy: a torch op costs the host tens of microseconds on some GPU machines, while the GPU
         # waits for this step's copy
         host = staging.host_in_array
-        host[:n, :d] = x.to(torch.float32).numpy()
+        host[:n, :d] = (x if x.dtype == torch.float32 else x.float()).numpy()
         host[:n, d] = [s.slot for s in sessions]
         host[:n, d + 1] = [seg.offset for seg in segments]
         host[n:] = host[0]  # padding rows repeat the first row, slot and position

@@ -177,10 +177,14 @@ class DecoderStack:
         return self._attend(q[rows], li, seg, window)
 
     def _rope_into(self, src: torch.Tensor, dst: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """dst = apply_rope(src): the same four ops, the sum written into dst (a view of the qkv output)."""
+        """dst = apply_rope(src), written into dst (a view of the qkv output): on a CPU the same four ops, bit for
+        bit; on a GPU the last multiply and the add fused (one small kernel fewer per layer; FMA rounding)."""
         n, heads, hd = src.shape
         turned = src.view(n, heads, 2, hd // 2).flip(2).view(n, heads, hd)
-        torch.add(src * cos, turned * sin, out=dst)
+        if src.device.type == "cuda":
+            torch.addcmul(src * cos, turned, sin, out=dst)
+        else:
+            torch.add(src * cos, turned * sin, out=dst)
 
     def attention_inputs(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """A block's first half: x [N, d] -> its qkv output [N, (H + 2 KV) * hd] with the query and key heads
@@ -206,9 +210,9 @@ class DecoderStack:
 
     def block_output(self, layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """A block's second half: the residual stream x [N, d] plus attention's output [N, H * hd], then the MLP."""
-        x = layer.o.residual(x, attn)
+        x = layer.o.residual(x, attn)  # a new tensor: the x passed in may be the caller's
         gate, up = layer.gate_up(F.rms_norm(x, (self.spec.hidden_size,), eps=self.spec.rms_norm_eps)).chunk(2, dim=-1)
-        return layer.down.residual(x, F.silu(gate) * up)
+        return layer.down.residual(x, F.silu(gate) * up, in_place=True)
 
     def step(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
         """x [N, d] rotated inputs, the segments' rows in order -> [N, d] rotated residual stream after the

@@ -103,9 +103,9 @@ class Int8Linear:
         self._sentinel[0, 0], self._sentinel[0, 1] = 1.0, -1.0
         self._reduce_range = not has_vnni()
 
-    def residual(self, x: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-        """x + self(inp), as `Linear.residual` on a CPU."""
-        return x + self(inp)
+    def residual(self, x: torch.Tensor, inp: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
+        """x + self(inp) (into x when `in_place`), as `Linear.residual` on a CPU."""
+        return x.add_(self(inp)) if in_place else x + self(inp)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x [N, in] float32 -> [N, out]
