@@ -15,8 +15,10 @@ but fixes every shape and address it recorded. So the step here is written for f
   as float32, which comes back in one copy before the next graph (all share one memory pool) runs. So a step
   costs the host four calls: the copy in, the replay, the copy out and a wait.
 
-Graphs are captured lazily, one per (B, T) pair met, on the thread that runs the steps. Without capture (the
-CPU, and the tests that compare this path with the eager one) the same fixed-shape forward runs eagerly.
+Graphs are captured lazily, one per (B, T) pair met, on the thread that runs the steps. Each layer gathers the
+batch's slots (keys and values up to T) into one tensor: at most one layer of the whole pool, 1/layers of its
+bytes, which fits in the tenth of the device's memory the KV plan leaves free. Without capture (the tests on a
+CPU, the benchmark's reference) the same fixed-shape forward runs eagerly.
 """
 
 from __future__ import annotations
