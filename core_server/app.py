@@ -147,9 +147,10 @@ def _load(state: CoreState) -> None:
         if isinstance(engine, NativeEngine):
             state.metrics.kv_pool_bytes.set(engine.pool_bytes)
         state.metrics.ready.set(1)
-        log.info("core ready engine=%s layers=%d dim=%d device=%s dtype=%s quantize=%s load_s=%.1f", engine.name,
-                 spec.num_layers, spec.hidden_size, engine.device, str(engine.dtype).removeprefix("torch."),
-                 core.quantize, time.perf_counter() - started)
+        graphs = isinstance(engine, NativeEngine) and engine.graphs is not None
+        log.info("core ready engine=%s layers=%d dim=%d device=%s dtype=%s quantize=%s cuda_graphs=%s load_s=%.1f",
+                 engine.name, spec.num_layers, spec.hidden_size, engine.device, str(engine.dtype).removeprefix("torch."),
+                 core.quantize, graphs, time.perf_counter() - started)
     except VeilError as exc:
         state.load_error = f"the core failed to start: {exc.message}"
         log.error("core failed to start: %s", exc.message)

@@ -108,3 +108,13 @@ def test_a_core_configured_for_int8_serves_steps_from_int8_layers(tiny_bundles, 
     assert isinstance(engine, NativeEngine) and engine.dtype == torch.float32
     assert all(isinstance(layer.down, Int8Linear) for layer in engine.stack.layers)
     _one_step(engine, max_tokens)
+
+
+def test_cuda_graphs_apply_to_a_cuda_core_only(tiny_bundles, tmp_path) -> None:
+    """core.cuda_graphs (on by default) gives a CUDA core decode graphs; a CPU core decodes eagerly. A value that
+    is not a boolean is refused."""
+    engine, _, max_tokens = _cpu_engine(tiny_bundles["llama"][2], tmp_path, VEIL_CORE_CUDA_GRAPHS="true")
+    assert isinstance(engine, NativeEngine) and engine.graphs is None
+    _one_step(engine, max_tokens)
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        load_settings(environ={"VEIL_CORE_CUDA_GRAPHS": "sometimes"})
