@@ -25,6 +25,7 @@ import argparse
 import functools
 import gc
 import json
+import logging
 import os
 import statistics
 import sys
@@ -159,6 +160,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="  %(message)s")  # each graph's capture time
     device = torch.device(args.device)
     streams = [int(s) for s in args.streams.split(",")]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
