@@ -117,3 +117,31 @@ def test_the_native_engine_sends_decode_batches_through_the_graphs(device: str) 
     assert engine.graphs.batches == 1  # the decode batch took the fixed-shape path
     assert torch.allclose(torch.cat(outs), want.cpu(), atol=1e-4, rtol=1e-4)
     assert (a.length, b.length) == (11, 5)
+
+
+def test_a_bucket_whose_capture_fails_runs_eagerly_and_is_not_retried(monkeypatch, caplog) -> None:
+    """A failed capture (out of memory, say) must not fail the step or every later one: that bucket runs the same
+    step eagerly from then on, and the failure is logged once."""
+    stack = _stack("gqa", "cpu")
+    pool, twin = stack.new_pool(4, 64), stack.new_pool(4, 64)
+    fixed = DecodeGraphs(stack, pool, capture=False)
+    fixed.capture = True  # as on a GPU, with a capture that fails
+    tries = []
+
+    def fail(b: int, t: int):
+        tries.append((b, t))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fixed, "_capture", fail)
+    a, ta = pool.session(), twin.session()
+    x = torch.randn(7, stack.spec.hidden_size)
+    stack.step(x[:5], [a.begin(0, 5)])
+    stack.step(x[:5], [ta.begin(0, 5)])
+    with caplog.at_level("ERROR", logger="veil.model.graphs"):
+        for i in (5, 6):
+            out = fixed.step(x[i : i + 1], [a.begin(i, 1)])
+            want = stack.step(x[i : i + 1], [ta.begin(i, 1)])
+            assert torch.allclose(out, want, atol=1e-4, rtol=1e-4)
+    assert tries == [(1, 64)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "decode graph capture failed rows=1 keys=64 error=OutOfMemoryError; this bucket runs eagerly"]

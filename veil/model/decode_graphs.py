@@ -72,6 +72,7 @@ class DecodeGraphs:
         self.key_lengths = buckets(min(KEY_BUCKET, pool.limit), pool.limit)
         self._staged: dict[int, _Staging] = {}
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._uncapturable: set[tuple[int, int]] = set()
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
         self._owners: list[weakref.ref[PooledSession] | None] = [None] * pool.slots
         self.batches = 0  # decode batches run this way
@@ -111,8 +112,9 @@ class DecodeGraphs:
         host[n:] = host[0]  # padding rows repeat the first row, slot and position
         if staging.device_in is not staging.host_in:
             staging.device_in.copy_(staging.host_in, non_blocking=True)
-        if self.capture:
-            graph, out = self._graph(b, t)
+        captured = self._graph(b, t) if self.capture else None
+        if captured is not None:
+            graph, out = captured
             graph.replay()
         else:
             out = self.forward(staging.device_in, t)
@@ -135,25 +137,39 @@ class DecodeGraphs:
             self._staged[b] = _Staging(b, self.stack.spec.hidden_size, self.stack.device)
         return self._staged[b]
 
-    def _graph(self, b: int, t: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The graph of bucket (b, t), captured now if it is new. The warm-up runs compute what the replay will
-        (the same keys and values into the same places), so running them is harmless."""
+    def _graph(self, b: int, t: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        """The graph of bucket (b, t), captured now if it is new; None for a bucket whose capture failed (out of
+        memory, say), which runs eagerly from then on: the step's result is the same, only slower, and the failure
+        is logged once, not retried at every step."""
+        if (b, t) in self._uncapturable:
+            return None
         if (b, t) not in self._graphs:
             started = time.perf_counter()
-            staged = self._staged[b].device_in
-            side = torch.cuda.Stream(self.stack.device)
-            side.wait_stream(torch.cuda.current_stream(self.stack.device))
-            with torch.cuda.stream(side):
-                for _ in range(WARMUPS):
-                    self.forward(staged, t)
-            torch.cuda.current_stream(self.stack.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
-                out = self.forward(staged, t)
-            self._graphs[b, t] = (graph, out)
+            try:
+                self._graphs[b, t] = self._capture(b, t)
+            except RuntimeError as exc:  # CUDA errors, out of memory included; the type only (messages name sizes)
+                self._uncapturable.add((b, t))
+                log.error("decode graph capture failed rows=%d keys=%d error=%s; this bucket runs eagerly", b, t,
+                          type(exc).__name__)
+                return None
             log.info("decode graph captured rows=%d keys=%d capture_ms=%.0f graphs=%d", b, t,
                      (time.perf_counter() - started) * 1000, len(self._graphs))
         return self._graphs[b, t]
+
+    def _capture(self, b: int, t: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Record bucket (b, t)'s step. The warm-up runs compute what the replay will (the same keys and values into
+        the same places), so running them is harmless."""
+        staged = self._staged[b].device_in
+        side = torch.cuda.Stream(self.stack.device)
+        side.wait_stream(torch.cuda.current_stream(self.stack.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUPS):
+                self.forward(staged, t)
+        torch.cuda.current_stream(self.stack.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
+            out = self.forward(staged, t)
+        return graph, out
 
     def forward(self, staged: torch.Tensor, t: int) -> torch.Tensor:
         """The fixed-shape step: staged [B, d + 2] float32 (rows, then slot and position) -> [B, d] float32; every
