@@ -94,7 +94,7 @@ class Linear:
         """x + self(inp) (into x when `in_place`); on a GPU the add runs in the GEMM's epilogue (one kernel fewer
         per call, which a decode step of an 8B model makes 64 of; in place, no copy of x either), on a CPU as
         two ops, bit for bit as before."""
-        if self._plan is None and self.bias is None and x.device.type == "cuda":
+        if self.bias is None and x.device.type == "cuda":
             return x.addmm_(inp, self.weight.t()) if in_place else torch.addmm(x, inp, self.weight.t())
         return x.add_(self(inp)) if in_place else x + self(inp)
 
