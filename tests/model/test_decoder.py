@@ -70,3 +70,33 @@ def test_rolling_back_an_offset_recomputes_from_there(tiny_bundles, key_file: Pa
     _run(stack, sess, torch.randn(2, 64), 6)  # speculative tokens, then rejected
     again = _run(stack, sess, x[4:], 4)
     assert torch.allclose(again, first[4:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pooled", [True, False], ids=["pool", "own-cache"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_lone_decode_row_takes_the_short_path_with_the_same_result_bit_for_bit(arch: str, pooled: bool,
+                                                                                  tiny_bundles, key_file: Path) -> None:
+    """One decode row alone runs `_attend_one_row` (five torch calls a layer, not twenty); it must compute
+    exactly what the general path does, for a session of the pool and one with its own cache, and give way to
+    the masked path once a sliding window is shorter than the cache (Mistral's window is 16)."""
+    _, stack, _ = _setup(tiny_bundles, key_file, arch)
+    general = DecoderStack.load(tiny_bundles[arch][2], torch.device("cpu"))
+    general._one_row = lambda seg: False  # type: ignore[method-assign]
+    calls = []
+    short = stack._attend_one_row
+
+    def counted(*args):
+        calls.append(args[2].end)
+        return short(*args)
+
+    stack._attend_one_row = counted  # type: ignore[method-assign]
+    new = (lambda st: st.new_pool(1, 64).session()) if pooled else (lambda st: st.new_session(64))
+    a, b = new(stack), new(general)
+    x = torch.randn(24, 64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(stack.step(x[:12], [a.begin(0, 12)]), general.step(x[:12], [b.begin(0, 12)]))
+    for t in range(12, 24):
+        assert torch.equal(stack.step(x[t : t + 1], [a.begin(t, 1)]), general.step(x[t : t + 1], [b.begin(t, 1)]))
+    window = stack.spec.sliding_windows[0]
+    layers = stack.spec.num_layers  # one call per layer and step
+    assert calls == [end for end in range(13, 25) if window is None or end <= window for _ in range(layers)]
+    assert calls

@@ -134,10 +134,9 @@ class DecoderStack:
     def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         """x [N, heads, hd] -> x·cos + rotate_half(x)·sin, as the reference model computes it (cos and signed_sin
         from `rope`), in four ops
-        instead of eight: rotate_half(x) = [-x2, x1] becomes [x2, x1] (a flip of the halves) times sin with
+        instead of eight: rotate_half(x) = [-x2, x1] becomes [x2, x1] (the halves swapped) times sin with
         the sign moved onto it, and (-a)·b = a·(-b) exactly, so the result is the same bit for bit."""
-        n, heads, hd = x.shape
-        turned = x.view(n, heads, 2, hd // 2).flip(2).view(n, heads, hd)
+        turned = x.roll(x.shape[-1] // 2, -1)  # [x2, x1]: the halves swapped
         return x * cos + turned * signed_sin
 
     def _mask(self, seg: Segment, window: int | None) -> torch.Tensor | None:
@@ -166,6 +165,26 @@ class DecoderStack:
         out = F.scaled_dot_product_attention(qg[None], keys[None], values[None], attn_mask=mask)
         return out.view(s.num_kv_heads, g, n, hd).permute(2, 0, 1, 3).reshape(n, s.num_heads * hd)
 
+    def _one_row(self, seg: Segment) -> bool:
+        """Whether `_attend_one_row` computes this segment's attention: one decode row that sees every cached key
+        in every layer (a sliding window shorter than the cache takes the masked path)."""
+        return seg.n == 1 and all(w is None or seg.end <= w for w in self.spec.sliding_windows)
+
+    def _attend_one_row(self, qkv: torch.Tensor, li: int, seg: Segment) -> torch.Tensor:
+        """`_write_and_attend` for a batch of one decode row, in five torch calls instead of about twenty (a
+        step of a small model on a CPU is bound by such calls): the same attention call on the same values.
+        qkv [1, (H + 2 KV) * hd] -> [1, H * hd]."""
+        s, kv = self.spec, _cache(seg)
+        row = qkv[0]
+        new = row[self.q_rows :].view(2, s.num_kv_heads, s.head_dim)  # this position's keys, then its values
+        if isinstance(kv, PooledSession):
+            kv.kv[:, li, :, seg.offset] = new
+        else:
+            kv.k[li, :, seg.offset], kv.v[li, :, seg.offset] = new
+        q = row[: self.q_rows].view(1, s.num_kv_heads, self.groups, s.head_dim)
+        keys, values = kv.k[li : li + 1, :, : seg.end], kv.v[li : li + 1, :, : seg.end]  # [1, KV, T, hd]
+        return F.scaled_dot_product_attention(q, keys, values).view(1, self.q_rows)
+
     def _write_and_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, li: int, seg: Segment,
                           start: int, window: int | None) -> torch.Tensor:
         """One segment: write its keys and values into its cache, attend over it -> [n, H * hd]."""
@@ -177,10 +196,9 @@ class DecoderStack:
         return self._attend(q[rows], li, seg, window)
 
     def _rope_into(self, src: torch.Tensor, dst: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """dst = apply_rope(src), written into dst (a view of the qkv output): on a CPU the same four ops, bit for
-        bit; on a GPU the last multiply and the add fused (one small kernel fewer per layer; FMA rounding)."""
-        n, heads, hd = src.shape
-        turned = src.view(n, heads, 2, hd // 2).flip(2).view(n, heads, hd)
+        """dst = apply_rope(src), written into dst (a view of the qkv output): on a CPU the same ops, bit for bit;
+        on a GPU the last multiply and the add fused (one small kernel fewer per layer; FMA rounding)."""
+        turned = src.roll(src.shape[-1] // 2, -1)  # the halves swapped, as in apply_rope
         if src.device.type == "cuda":
             torch.addcmul(src * cos, turned, sin, out=dst)
         else:
@@ -204,9 +222,8 @@ class DecoderStack:
     def heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views of a qkv output: q [N, H, hd], k and v [N, KV, hd]."""
         s, hd = self.spec, self.spec.head_dim
-        q = qkv[:, : self.q_rows].view(-1, s.num_heads, hd)
-        k = qkv[:, self.q_rows : self.q_rows + self.kv_rows].view(-1, s.num_kv_heads, hd)
-        return q, k, qkv[:, self.q_rows + self.kv_rows :].view(-1, s.num_kv_heads, hd)
+        q, k, v = qkv.split((self.q_rows, self.kv_rows, self.kv_rows), dim=1)
+        return q.view(-1, s.num_heads, hd), k.view(-1, s.num_kv_heads, hd), v.view(-1, s.num_kv_heads, hd)
 
     def block_output(self, layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """A block's second half: the residual stream x [N, d] plus attention's output [N, H * hd], then the MLP."""
@@ -235,8 +252,13 @@ class DecoderStack:
         positions = torch.cat([torch.arange(seg.offset, seg.end, device=self.device) for seg in segments])
         cos, sin = self.rope(positions)
         pooled = PooledDecode.of(segments, starts, self)
+        alone = len(segments) == 1 and self._one_row(segments[0])
         for li, layer in enumerate(self.layers):
-            q, k, v = self.heads(self.attention_inputs(layer, x, cos, sin))
+            qkv = self.attention_inputs(layer, x, cos, sin)
+            if alone:
+                x = self.block_output(layer, x, self._attend_one_row(qkv, li, segments[0]))
+                continue
+            q, k, v = self.heads(qkv)
             if pooled is None:
                 outs = [self._write_and_attend(q, k, v, li, seg, start, layer.window)
                         for seg, start in zip(segments, starts)]

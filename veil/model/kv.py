@@ -191,10 +191,11 @@ class KVPool:
 class PooledSession(Session):
     """A session whose KV cache is one slot of a KVPool: views of the pool, never regrown."""
 
-    __slots__ = ("pool", "slot", "__weakref__")
+    __slots__ = ("pool", "slot", "kv", "__weakref__")
 
     def __init__(self, pool: KVPool, slot: int):
         Positions.__init__(self, pool.limit)
         self.pool, self.slot = pool, slot
-        self.k, self.v = pool.k[:, slot], pool.v[:, slot]  # [layers, kv_heads, limit, head_dim]
+        self.kv = pool.kv[:, :, slot]  # [2, layers, kv_heads, limit, head_dim]: a step's keys and values in one write
+        self.k, self.v = self.kv[0], self.kv[1]  # [layers, kv_heads, limit, head_dim]
         weakref.finalize(self, pool._release, slot)
