@@ -42,8 +42,15 @@ def test_mixed_batches_on_the_pool_equal_each_session_alone(arch: str, quantize:
         assert PooledDecode.of(segments, [0] * len(segments), stack) is not None  # the batched path runs
         out = stack.step(torch.cat(xs), segments)
         want = torch.cat([stack.step(x, [s.begin(s.length, x.shape[0])]) for s, x in zip(sessions_a, xs)])
-        assert torch.allclose(out, want, atol=1e-4, rtol=1e-4), (arch, quantize, round_,
-                                                                  float((out - want).abs().max()))
+        err = float((out - want).abs().max())
+        if quantize == "none":
+            assert torch.allclose(out, want, atol=1e-4, rtol=1e-4), (arch, quantize, round_, err)
+        else:
+            # An int8 layer quantizes each row by the same rule in any batch (exactly: test_int8.py), but the
+            # batched decode attention and a lone session's are different kernels, a float rounding apart, and
+            # that can flip one activation's int8 rounding, moving its row by about one quantization step: seen
+            # for about 2% of cloaking keys (up to 0.36 on outputs of magnitude 30; every other key within 2e-5)
+            assert err <= 0.02 * float(want.abs().max()), (arch, quantize, round_, err)
         del fresh_p, segments
         gc.collect()
     assert all(p.length == a.length for p, a in zip(pooled, alone))
