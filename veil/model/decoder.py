@@ -59,6 +59,8 @@ class DecoderStack:
         self.groups = spec.num_heads // spec.num_kv_heads
         self.q_rows = spec.num_heads * spec.head_dim
         self.kv_rows = spec.num_kv_heads * spec.head_dim
+        # a lone decode row sees every cached key in every layer while the cache is no longer than this
+        self.shortest_window = min((w for w in spec.sliding_windows if w is not None), default=None)
 
         def get(name: str, required: bool = True) -> torch.Tensor | None:
             t = tensors.get(name)
@@ -141,9 +143,9 @@ class DecoderStack:
 
     def _mask(self, seg: Segment, window: int | None) -> torch.Tensor | None:
         """Boolean [n, T] mask (True = attend), or None when every cached key is visible."""
-        total = seg.end
-        if seg.n == 1 and (window is None or total <= window):
+        if self._sees_every_key(seg, window):
             return None
+        total = seg.end
         q_pos = torch.arange(seg.offset, total, device=self.device)[:, None]
         k_pos = torch.arange(total, device=self.device)[None, :]
         mask = k_pos <= q_pos
@@ -165,10 +167,14 @@ class DecoderStack:
         out = F.scaled_dot_product_attention(qg[None], keys[None], values[None], attn_mask=mask)
         return out.view(s.num_kv_heads, g, n, hd).permute(2, 0, 1, 3).reshape(n, s.num_heads * hd)
 
+    @staticmethod
+    def _sees_every_key(seg: Segment, window: int | None) -> bool:
+        """Whether the segment is one decode row that sees every cached key under `window` (no mask needed)."""
+        return seg.n == 1 and (window is None or seg.end <= window)
+
     def _one_row(self, seg: Segment) -> bool:
-        """Whether `_attend_one_row` computes this segment's attention: one decode row that sees every cached key
-        in every layer (a sliding window shorter than the cache takes the masked path)."""
-        return seg.n == 1 and all(w is None or seg.end <= w for w in self.spec.sliding_windows)
+        """Whether `_attend_one_row` computes this segment's attention: a row that needs no mask in any layer."""
+        return self._sees_every_key(seg, self.shortest_window)
 
     def _attend_one_row(self, qkv: torch.Tensor, li: int, seg: Segment) -> torch.Tensor:
         """`_write_and_attend` for a batch of one decode row, in five torch calls instead of about twenty (a
@@ -256,23 +262,28 @@ class DecoderStack:
         for li, layer in enumerate(self.layers):
             qkv = self.attention_inputs(layer, x, cos, sin)
             if alone:
-                x = self.block_output(layer, x, self._attend_one_row(qkv, li, segments[0]))
-                continue
-            q, k, v = self.heads(qkv)
-            if pooled is None:
-                outs = [self._write_and_attend(q, k, v, li, seg, start, layer.window)
-                        for seg, start in zip(segments, starts)]
-                attn = outs[0] if len(outs) == 1 else torch.cat(outs)
-            elif not pooled.others:  # every row is one of the pool's decode rows, in order
-                attn = pooled.attend(q, k, v, li, layer.window)
-            else:  # the pool's decode rows in one call; any other segment on its own
-                attn = torch.empty((x.shape[0], s.num_heads * s.head_dim), dtype=self.dtype, device=self.device)
-                attn[pooled.rows] = pooled.attend(q, k, v, li, layer.window)
-                for i in pooled.others:
-                    seg, start = segments[i], starts[i]
-                    attn[start : start + seg.n] = self._write_and_attend(q, k, v, li, seg, start, layer.window)
+                attn = self._attend_one_row(qkv, li, segments[0])
+            else:
+                attn = self._attend_batch(qkv, li, layer.window, segments, starts, pooled)
             x = self.block_output(layer, x, attn)
         return x
+
+    def _attend_batch(self, qkv: torch.Tensor, li: int, window: int | None, segments: Sequence[Segment],
+                      starts: list[int], pooled: PooledDecode | None) -> torch.Tensor:
+        """Layer li's attention for any batch: the pool's decode rows in one call, every other segment on its own.
+        qkv [N, (H + 2 KV) * hd] -> [N, H * hd]."""
+        q, k, v = self.heads(qkv)
+        if pooled is None:
+            outs = [self._write_and_attend(q, k, v, li, seg, start, window) for seg, start in zip(segments, starts)]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+        if not pooled.others:  # every row is one of the pool's decode rows, in order
+            return pooled.attend(q, k, v, li, window)
+        attn = torch.empty((qkv.shape[0], self.q_rows), dtype=self.dtype, device=self.device)
+        attn[pooled.rows] = pooled.attend(q, k, v, li, window)
+        for i in pooled.others:
+            seg, start = segments[i], starts[i]
+            attn[start : start + seg.n] = self._write_and_attend(q, k, v, li, seg, start, window)
+        return attn
 
 
 class PooledDecode:
