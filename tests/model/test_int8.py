@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from cloaking.secretbox import KeySource
 from edge_proxy.edge_model import EdgeModel
+from tests.tiny_models import ARCHITECTURES
 from veil.errors import ConfigError
+from veil.model import int8_block
 from veil.model.decoder import DecoderStack
 from veil.model.int8 import Int8Linear, quantize_per_channel
 from veil.settings import load_settings
@@ -101,3 +103,36 @@ def test_an_int8_stack_refuses_a_bfloat16_or_gpu_layout(tiny_bundles) -> None:
         DecoderStack.load(core, torch.device("cpu"), torch.bfloat16, quantize="int8")
     with pytest.raises(ConfigError, match="quantize must be one of none, int8"):
         DecoderStack.load(core, torch.device("cpu"), quantize="fp8")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_scripted_int8_block_halves_equal_the_eager_ones_bit_for_bit(arch: str, tiny_bundles, monkeypatch) -> None:
+    """An int8 stack runs its blocks' halves around attention as TorchScript functions (veil/model/int8_block.py);
+    they must compute exactly what the eager methods do, in every architecture's variant (biases, per-head
+    norms, a sliding window), for prefills, lone decode rows and a mixed batch of the pool."""
+    _, _, core = tiny_bundles[arch]
+    scripted = DecoderStack.load(core, torch.device("cpu"), quantize="int8")
+    eager = DecoderStack.load(core, torch.device("cpu"), quantize="int8")
+    eager.script_int8 = False
+    assert scripted.script_int8
+    calls = []
+    for name in ("attention_inputs", "block_output"):
+        scripted_half = getattr(int8_block, name)
+        monkeypatch.setattr(int8_block, name, lambda *args, _f=scripted_half, _n=name: calls.append(_n) or _f(*args))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(40, scripted.spec.hidden_size, generator=gen)
+    pools = [stack.new_pool(3, 64) for stack in (scripted, eager)]
+    sessions = [[pool.session() for _ in range(3)] for pool in pools]
+
+    def both(rows: torch.Tensor, spans: list[tuple[int, int, int]]) -> None:
+        a, b = ([st.step(rows, [sess[i].begin(offset, n) for i, offset, n in spans])
+                 for st, sess in zip((scripted, eager), sessions)])
+        assert torch.equal(a, b)
+
+    both(x[:10], [(0, 0, 10)])  # a prefill
+    for t in range(10, 20):  # lone decode rows (Mistral's window of 16 is crossed)
+        both(x[t : t + 1], [(0, t, 1)])
+    both(x[20:28], [(1, 0, 8)])
+    both(x[28:31], [(0, 20, 1), (1, 8, 1), (2, 0, 1)])  # the pool's decode rows with a fresh session
+    both(x[31:40], [(0, 21, 1), (2, 1, 8)])  # a decode row beside a prefill
+    assert calls and calls.count("attention_inputs") == calls.count("block_output") == 14 * scripted.spec.num_layers

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from veil.bundle import CORE_SPEC, CORE_WEIGHTS, CoreSpec, load_tensors, read_core_spec
 from veil.errors import BundleError, ConfigError
+from veil.model import int8_block
 from veil.model.int8 import Int8Linear, layer_type
 from veil.model.kv import KVPool, PooledSession, Segment, Session
 from veil.model.linear import Linear
@@ -56,6 +57,9 @@ class DecoderStack:
         if project is Int8Linear and (device.type != "cpu" or dtype != torch.float32):
             raise ConfigError("core.quantize int8 runs on a CPU with core.dtype float32 (or auto); "
                               "on a GPU, core.dtype bfloat16 halves the weights instead")
+        # int8 blocks run their halves around attention as TorchScript functions (int8_block); False runs the
+        # eager methods below instead, the same ops (the tests compare the two)
+        self.script_int8 = project is Int8Linear
         self.groups = spec.num_heads // spec.num_kv_heads
         self.q_rows = spec.num_heads * spec.head_dim
         self.kv_rows = spec.num_kv_heads * spec.head_dim
@@ -215,6 +219,10 @@ class DecoderStack:
         rotated in place, so that each row's key and value heads lie side by side (`heads` splits it)."""
         s = self.spec
         hd, eps = s.head_dim, s.rms_norm_eps
+        if self.script_int8:
+            assert isinstance(layer.qkv, Int8Linear)
+            return int8_block.attention_inputs(x, cos, sin, layer.qkv.script_args, layer.q_norm, layer.k_norm,
+                                               [s.num_heads, s.num_kv_heads, hd], eps)
         qkv = layer.qkv(F.rms_norm(x, (s.hidden_size,), eps=eps))
         if layer.q_norm is None:  # query and key heads rotated in one call
             qk = qkv[:, : self.q_rows + self.kv_rows].view(-1, s.num_heads + s.num_kv_heads, hd)
@@ -233,6 +241,11 @@ class DecoderStack:
 
     def block_output(self, layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """A block's second half: the residual stream x [N, d] plus attention's output [N, H * hd], then the MLP."""
+        if self.script_int8:
+            assert isinstance(layer.o, Int8Linear) and isinstance(layer.gate_up, Int8Linear)
+            assert isinstance(layer.down, Int8Linear)
+            return int8_block.block_output(x, attn, layer.o.script_args, layer.gate_up.script_args,
+                                           layer.down.script_args, self.spec.rms_norm_eps)
         x = layer.o.residual(x, attn)  # a new tensor: the x passed in may be the caller's
         gate, up = layer.gate_up(F.rms_norm(x, (self.spec.hidden_size,), eps=self.spec.rms_norm_eps)).chunk(2, dim=-1)
         return layer.down.residual(x, F.silu(gate) * up, in_place=True)

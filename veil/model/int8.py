@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import torch
 
@@ -89,10 +89,17 @@ def _quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return best_q, best_scale
 
 
+# What a scripted function needs of an `Int8Linear`: (sentinel row, packed weight, reduce_range, bias)
+if TYPE_CHECKING:  # the packed weight's TorchBind class is made at run time, out of mypy's sight
+    Int8Args = Tuple[torch.Tensor, Any, bool, Optional[torch.Tensor]]
+else:
+    Int8Args = Tuple[torch.Tensor, torch.classes.quantized.LinearPackedParamsBase, bool, Optional[torch.Tensor]]
+
+
 @torch.jit.script
-def _int8_linear(x: torch.Tensor, sentinel: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase,
-                 reduce_range: bool, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    # x [N, in] float32 -> [N, out]
+def int8_linear(x: torch.Tensor, layer: Int8Args) -> torch.Tensor:
+    """x [N, in] float32 -> [N, out] through the layer's `script_args`."""
+    sentinel, packed, reduce_range, bias = layer
     # max |x| per row; the same value as the inf-norm, which torch reduces 5-10x slower for 16 rows
     peak = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-30)
     y = torch.ops.quantized.linear_dynamic(torch.cat((x / peak, sentinel)), packed, reduce_range)
@@ -103,7 +110,7 @@ def _int8_linear(x: torch.Tensor, sentinel: torch.Tensor, packed: torch.classes.
 class Int8Linear:
     """y = x·Wᵀ + b with W held as per-channel int8 and x quantized per row to 8 bits (7 without VNNI)."""
 
-    __slots__ = ("in_features", "out_features", "bias", "_packed", "_sentinel", "_reduce_range")
+    __slots__ = ("in_features", "out_features", "bias", "script_args")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if weight.device.type != "cpu":
@@ -114,12 +121,12 @@ class Int8Linear:
         with warnings.catch_warnings():  # the deprecation of quantized dtypes, named in the module's docstring
             warnings.simplefilter("ignore", UserWarning)
             qweight = torch.quantize_per_channel(q.float() * scale[:, None], scale.double(), zero, 0, torch.qint8)
-        self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        packed = torch.ops.quantized.linear_prepack(qweight, None)
         self.bias = None if bias is None else bias.float()
         # the row that pins every batch's activation range to [-1, 1] (needs in_features >= 2)
-        self._sentinel = torch.zeros(1, self.in_features)
-        self._sentinel[0, 0], self._sentinel[0, 1] = 1.0, -1.0
-        self._reduce_range = not has_vnni()
+        sentinel = torch.zeros(1, self.in_features)
+        sentinel[0, 0], sentinel[0, 1] = 1.0, -1.0
+        self.script_args: Int8Args = (sentinel, packed, not has_vnni(), self.bias)
 
     def residual(self, x: torch.Tensor, inp: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
         """x + self(inp) (into x when `in_place`), as `Linear.residual` on a CPU."""
@@ -127,4 +134,4 @@ class Int8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x [N, in] float32 -> [N, out]
-        return _int8_linear(x, self._sentinel, self._packed, self._reduce_range, self.bias)
+        return int8_linear(x, self.script_args)

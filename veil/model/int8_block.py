@@ -1,0 +1,55 @@
+"""A decoder block's two halves around attention, for int8 projections, as TorchScript functions.
+
+A decode step of a small model on a CPU is bound by the count of torch calls as much as by its weights: one
+block half is eight to ten calls, and each costs about 2.5 µs from Python. TorchScript's interpreter runs the
+same ops, in the same order, in about half the time, so these are `DecoderStack.attention_inputs` and
+`DecoderStack.block_output` for a stack whose projections are `Int8Linear` (`core.quantize: int8`, a float32
+CPU stack), bit for bit the same (tests/model/test_int8.py). The float stacks keep the eager methods: their
+`Linear` picks a kernel per call in Python, and on a GPU the CUDA graphs remove the calls' cost instead.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from veil.model.int8 import Int8Args, int8_linear
+
+
+@torch.jit.script
+def _rope_into(src: torch.Tensor, dst: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    # DecoderStack._rope_into on a CPU: the halves swapped, times the signed sin
+    turned = src.roll(src.shape[-1] // 2, -1)
+    torch.add(src * cos, turned * sin, out=dst)
+
+
+@torch.jit.script
+def attention_inputs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qkv: Int8Args,
+                     q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor], heads: List[int],
+                     eps: float) -> torch.Tensor:
+    """x [N, d] -> the qkv output [N, (H + 2 KV) * hd] with the query and key heads normed (when the block has
+    q_norm and k_norm) and rotated in place. `heads` is [H, KV, hd]."""
+    num_heads, num_kv_heads, hd = heads[0], heads[1], heads[2]
+    out = int8_linear(F.rms_norm(x, [x.shape[-1]], None, eps), qkv)
+    q_rows, kv_rows = num_heads * hd, num_kv_heads * hd
+    if q_norm is None or k_norm is None:  # query and key heads rotated in one call
+        qk = out[:, : q_rows + kv_rows].view(-1, num_heads + num_kv_heads, hd)
+        _rope_into(qk, qk, cos, sin)
+        return out
+    q = out[:, :q_rows].view(-1, num_heads, hd)
+    k = out[:, q_rows : q_rows + kv_rows].view(-1, num_kv_heads, hd)
+    _rope_into(F.rms_norm(q, [hd], q_norm, eps), q, cos, sin)
+    _rope_into(F.rms_norm(k, [hd], k_norm, eps), k, cos, sin)
+    return out
+
+
+@torch.jit.script
+def block_output(x: torch.Tensor, attn: torch.Tensor, o: Int8Args, gate_up: Int8Args, down: Int8Args,
+                 eps: float) -> torch.Tensor:
+    """The residual stream x [N, d] plus attention's output [N, H * hd] through o, then the MLP -> [N, d]
+    (a new tensor: the x passed in may be the caller's)."""
+    x = x + int8_linear(attn, o)
+    gate, up = int8_linear(F.rms_norm(x, [x.shape[-1]], None, eps), gate_up).chunk(2, dim=-1)
+    return x.add_(int8_linear(F.silu(gate) * up, down))
