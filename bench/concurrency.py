@@ -10,8 +10,13 @@ First it times the core's decode forward alone, in this process, at 1, 4 and 16 
 streams can gain is what a forward of 16 rows costs against one of 1, before the edge's share of the same
 CPU is counted.
 
+With `--device cuda` the core runs on the GPU (`core.device`; use `--dtype bfloat16`), with its CUDA graphs,
+and the edge on the host's CPUs. `--checkpoint` takes another model than the bundled one (a Hugging Face
+directory or a GGUF file; a machine without the bundled package can take a directory of random weights).
+
     python bench/concurrency.py [--tokens 48] [--wait-ms 10] [--threads 0] [--quantize int8] [--dtype bfloat16]
                                [--edge-quantize int8] [--max-batch-tokens 8] [--batch-groups 2]
+                               [--device cuda] [--checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -41,11 +46,13 @@ STREAMS = (1, 4, 16)
 
 
 def core_forward_ms(core_dir: Path, threads: int, quantize: str = "none", dtype: str = "float32",
-                    context: int = 40, repeats: int = 30) -> dict[int, float]:
-    """Median ms of one decode forward of the core's stack alone, per batch size (rows at `context`)."""
+                    context: int = 40, repeats: int = 30, device: str = "cpu") -> dict[int, float]:
+    """Median ms of one decode forward of the core's stack alone, per batch size (rows at `context`); on a GPU
+    eager (the core replays CUDA graphs), timed to the device's completion."""
     if threads:
         torch.set_num_threads(threads)
-    stack = DecoderStack.load(core_dir, torch.device("cpu"), getattr(torch, dtype), quantize=quantize)
+    where = torch.device(device)
+    stack = DecoderStack.load(core_dir, where, getattr(torch, dtype), quantize=quantize)
     s = stack.spec
     gen = torch.Generator().manual_seed(0)
     out = {}
@@ -57,13 +64,20 @@ def core_forward_ms(core_dir: Path, threads: int, quantize: str = "none", dtype:
         times = []
         for t in range(repeats):
             segments = [x.begin(context + t, 1) for x in sessions]
-            x = torch.randn(rows, s.hidden_size, generator=gen) * 0.05
+            x = (torch.randn(rows, s.hidden_size, generator=gen) * 0.05).to(where)
+            _synchronize(where)
             started = time.perf_counter()
             stack.step(x, segments)
+            _synchronize(where)
             times.append(time.perf_counter() - started)
         out[rows] = statistics.median(times) * 1000
         del sessions, pool
     return out
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _batch_rows(metrics_url: str) -> tuple[float, float]:
@@ -73,10 +87,10 @@ def _batch_rows(metrics_url: str) -> tuple[float, float]:
 
 def measure(root: Path, key: Path, eos: list[int], tokens: int, wait_ms: float, threads: int,
             quantize: str = "none", dtype: str = "float32", edge_quantize: str = "none",
-            max_batch_tokens: int = 0, batch_groups: int = 1) -> dict[str, float]:
+            max_batch_tokens: int = 0, batch_groups: int = 1, device: str = "cpu") -> dict[str, float]:
     env = {"VEIL_CORE_MAX_SESSIONS": "32", "VEIL_LOG_LEVEL": "warning", "VEIL_CORE_BATCH_WAIT_MS": str(wait_ms),
            "VEIL_CORE_THREADS": str(threads), "VEIL_CORE_QUANTIZE": quantize, "VEIL_CORE_DTYPE": dtype,
-           "VEIL_CORE_BATCH_GROUPS": str(batch_groups)}
+           "VEIL_CORE_BATCH_GROUPS": str(batch_groups), "VEIL_CORE_DEVICE": device}
     if max_batch_tokens:
         env["VEIL_CORE_MAX_BATCH_TOKENS"] = str(max_batch_tokens)
     home = root / f"wait-{wait_ms:g}"
@@ -85,6 +99,9 @@ def measure(root: Path, key: Path, eos: list[int], tokens: int, wait_ms: float, 
                     edge_env={"VEIL_EDGE_QUANTIZE": edge_quantize})
     try:
         bench_split(pair.base_url, eos, 8)  # warm-up
+        if device == "cuda":  # capture each batch's CUDA graphs before the timed runs
+            for streams in STREAMS:
+                bench_split_concurrent(pair.base_url, eos, tokens, streams)
         out: dict[str, float] = {}
         for streams in STREAMS:
             before = _batch_rows(pair.metrics_url)
@@ -110,22 +127,24 @@ def main() -> int:
     parser.add_argument("--batch-groups", type=int, default=1,
                         help="core.batch_groups: a forward takes at most 1/N of the live sessions (the same "
                              "alternation as --max-batch-tokens, following the load)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="the core's core.device")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="the model (default: the bundled one)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         key = root / "bundle.key"
         create_key_file(key)
-        ckpt = load_checkpoint(bundled_model_path())
+        ckpt = load_checkpoint(args.checkpoint or bundled_model_path())
         cloak(ckpt, root / "edge", root / "core", KeySource(key_file=key), MODEL_NAME, progress=False)
         eos = eos_ids(ckpt)
         del ckpt
-        alone = core_forward_ms(root / "core", args.threads, args.quantize, args.dtype)
+        alone = core_forward_ms(root / "core", args.threads, args.quantize, args.dtype, device=args.device)
         print("the core alone, one decode forward: " + ", ".join(
             f"{rows} rows {ms:.1f} ms" for rows, ms in alone.items())
             + f"; at most {16 * alone[1] / alone[16]:.2f}x from 16 streams over 1")
         torch.set_num_threads(1)  # the clients' process: keep its torch out of the servers' way
         results = {wait: measure(root, key, eos, args.tokens, wait, args.threads, args.quantize, args.dtype,
-                                 args.edge_quantize, args.max_batch_tokens, args.batch_groups)
+                                 args.edge_quantize, args.max_batch_tokens, args.batch_groups, args.device)
                    for wait in (0.0, args.wait_ms)}
     print(f"\n{'figure':<24}" + "".join(f"{f'wait {w:g} ms':>14}" for w in results))
     for name in results[0.0]:
