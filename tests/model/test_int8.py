@@ -105,24 +105,27 @@ def test_an_int8_stack_refuses_a_bfloat16_or_gpu_layout(tiny_bundles) -> None:
         DecoderStack.load(core, torch.device("cpu"), quantize="fp8")
 
 
+@pytest.mark.parametrize("pooled", [True, False], ids=["pool", "own-cache"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_the_scripted_int8_block_halves_equal_the_eager_ones_bit_for_bit(arch: str, tiny_bundles, monkeypatch) -> None:
-    """An int8 stack runs its blocks' halves around attention as TorchScript functions (veil/model/int8_block.py);
-    they must compute exactly what the eager methods do, in every architecture's variant (biases, per-head
-    norms, a sliding window), for prefills, lone decode rows and a mixed batch of the pool."""
+def test_the_scripted_int8_blocks_equal_the_eager_ones_bit_for_bit(arch: str, pooled: bool, tiny_bundles,
+                                                                    monkeypatch) -> None:
+    """An int8 stack runs its blocks' halves, and a lone decode row's whole step, as TorchScript functions
+    (veil/model/int8_block.py); they must compute exactly what the eager methods do, in every architecture's
+    variant (biases, per-head norms, a sliding window), for prefills, lone decode rows and mixed batches."""
     _, _, core = tiny_bundles[arch]
     scripted = DecoderStack.load(core, torch.device("cpu"), quantize="int8")
     eager = DecoderStack.load(core, torch.device("cpu"), quantize="int8")
     eager.script_int8 = False
     assert scripted.script_int8
     calls = []
-    for name in ("attention_inputs", "block_output"):
-        scripted_half = getattr(int8_block, name)
-        monkeypatch.setattr(int8_block, name, lambda *args, _f=scripted_half, _n=name: calls.append(_n) or _f(*args))
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn(40, scripted.spec.hidden_size, generator=gen)
-    pools = [stack.new_pool(3, 64) for stack in (scripted, eager)]
-    sessions = [[pool.session() for _ in range(3)] for pool in pools]
+    for name in ("attention_inputs", "block_output", "one_row"):
+        compiled = getattr(int8_block, name)
+        monkeypatch.setattr(int8_block, name, lambda *args, _f=compiled, _n=name: calls.append(_n) or _f(*args))
+    x = torch.randn(40, scripted.spec.hidden_size, generator=torch.Generator().manual_seed(4))
+    if pooled:
+        sessions = [[pool.session() for _ in range(3)] for pool in (st.new_pool(3, 64) for st in (scripted, eager))]
+    else:
+        sessions = [[st.new_session(64) for _ in range(3)] for st in (scripted, eager)]
 
     def both(rows: torch.Tensor, spans: list[tuple[int, int, int]]) -> None:
         a, b = ([st.step(rows, [sess[i].begin(offset, n) for i, offset, n in spans])
@@ -130,9 +133,13 @@ def test_the_scripted_int8_block_halves_equal_the_eager_ones_bit_for_bit(arch: s
         assert torch.equal(a, b)
 
     both(x[:10], [(0, 0, 10)])  # a prefill
-    for t in range(10, 20):  # lone decode rows (Mistral's window of 16 is crossed)
+    for t in range(10, 20):  # lone decode rows (Mistral's window of 16 is crossed at 17)
         both(x[t : t + 1], [(0, t, 1)])
     both(x[20:28], [(1, 0, 8)])
-    both(x[28:31], [(0, 20, 1), (1, 8, 1), (2, 0, 1)])  # the pool's decode rows with a fresh session
+    both(x[28:31], [(0, 20, 1), (1, 8, 1), (2, 0, 1)])  # decode rows with a fresh session's first
     both(x[31:40], [(0, 21, 1), (2, 1, 8)])  # a decode row beside a prefill
-    assert calls and calls.count("attention_inputs") == calls.count("block_output") == 14 * scripted.spec.num_layers
+    window = scripted.spec.sliding_windows[0]
+    lone = sum(1 for end in range(11, 21) if window is None or end <= window)  # steps that see every key
+    layers = scripted.spec.num_layers
+    assert calls.count("one_row") == lone
+    assert calls.count("attention_inputs") == calls.count("block_output") == (14 - lone) * layers

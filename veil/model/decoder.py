@@ -87,6 +87,10 @@ class DecoderStack:
                 window=spec.sliding_windows[i],
             ))
         self._check_spec(tensors)
+        self._int8_blocks: list[int8_block.BlockArgs] = [
+            (b.qkv.script_args, b.o.script_args, b.gate_up.script_args, b.down.script_args, b.q_norm, b.k_norm)
+            for b in self.layers if isinstance(b.qkv, Int8Linear) and isinstance(b.o, Int8Linear)
+            and isinstance(b.gate_up, Int8Linear) and isinstance(b.down, Int8Linear)]
         inv_freq = tensors.get("rope.inv_freq")
         if inv_freq is None:
             raise BundleError("core bundle lacks tensor rope.inv_freq")
@@ -270,8 +274,12 @@ class DecoderStack:
         x = x.to(device=self.device, dtype=self.dtype)
         positions = torch.cat([torch.arange(seg.offset, seg.end, device=self.device) for seg in segments])
         cos, sin = self.rope(positions)
-        pooled = PooledDecode.of(segments, starts, self)
         alone = len(segments) == 1 and self._one_row(segments[0])
+        if alone and self.script_int8:
+            seg, kv = segments[0], _cache(segments[0])
+            return int8_block.one_row(x, cos, sin, self._int8_blocks, kv.k, kv.v, seg.offset,
+                                      [s.num_heads, s.num_kv_heads, s.head_dim], s.rms_norm_eps)
+        pooled = PooledDecode.of(segments, starts, self)
         for li, layer in enumerate(self.layers):
             qkv = self.attention_inputs(layer, x, cos, sin)
             if alone:
