@@ -57,8 +57,8 @@ class DecoderStack:
         if project is Int8Linear and (device.type != "cpu" or dtype != torch.float32):
             raise ConfigError("core.quantize int8 runs on a CPU with core.dtype float32 (or auto); "
                               "on a GPU, core.dtype bfloat16 halves the weights instead")
-        # int8 blocks run their halves around attention as TorchScript functions (int8_block); False runs the
-        # eager methods below instead, the same ops (the tests compare the two)
+        # int8 blocks run their halves around attention, and a lone decode row its whole layer loop, as TorchScript
+        # functions (int8_block); False runs the eager methods below instead, the same ops (the tests compare them)
         self.script_int8 = project is Int8Linear
         self.groups = spec.num_heads // spec.num_kv_heads
         self.q_rows = spec.num_heads * spec.head_dim
