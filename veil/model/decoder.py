@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from veil.bundle import CORE_SPEC, CORE_WEIGHTS, CoreSpec, load_tensors, read_core_spec
 from veil.errors import BundleError, ConfigError
 from veil.model import int8_block
-from veil.model.int8 import Int8Linear, layer_type
+from veil.model.int8 import Int8Args, Int8Linear, layer_type
 from veil.model.kv import KVPool, PooledSession, Segment, Session
 from veil.model.linear import Linear
 
@@ -37,6 +37,12 @@ def _cache(seg: Segment) -> Session:
     """The segment's KV cache: this stack writes keys and values, so its sessions are `Session`s."""
     assert isinstance(seg.session, Session), "the decoder stack runs on KV-cache sessions"
     return seg.session
+
+
+def _script_args(projection: Linear | Int8Linear) -> Int8Args:
+    """What int8_block's functions take of a projection of an int8 stack."""
+    assert isinstance(projection, Int8Linear), "only an int8 stack runs the scripted blocks"
+    return projection.script_args
 
 
 def _cat_opt(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -61,6 +67,7 @@ class DecoderStack:
         # functions (int8_block); False runs the eager methods below instead, the same ops (the tests compare them)
         self.script_int8 = project is Int8Linear
         self.groups = spec.num_heads // spec.num_kv_heads
+        self._heads = [spec.num_heads, spec.num_kv_heads, spec.head_dim]  # the scripted functions' [H, KV, hd]
         self.q_rows = spec.num_heads * spec.head_dim
         self.kv_rows = spec.num_kv_heads * spec.head_dim
         # a lone decode row sees every cached key in every layer while the cache is no longer than this
@@ -88,9 +95,8 @@ class DecoderStack:
             ))
         self._check_spec(tensors)
         self._int8_blocks: list[int8_block.BlockArgs] = [
-            (b.qkv.script_args, b.o.script_args, b.gate_up.script_args, b.down.script_args, b.q_norm, b.k_norm)
-            for b in self.layers if isinstance(b.qkv, Int8Linear) and isinstance(b.o, Int8Linear)
-            and isinstance(b.gate_up, Int8Linear) and isinstance(b.down, Int8Linear)]
+            (_script_args(b.qkv), _script_args(b.o), _script_args(b.gate_up), _script_args(b.down), b.q_norm, b.k_norm)
+            for b in self.layers] if self.script_int8 else []
         inv_freq = tensors.get("rope.inv_freq")
         if inv_freq is None:
             raise BundleError("core bundle lacks tensor rope.inv_freq")
@@ -224,9 +230,8 @@ class DecoderStack:
         s = self.spec
         hd, eps = s.head_dim, s.rms_norm_eps
         if self.script_int8:
-            assert isinstance(layer.qkv, Int8Linear)
-            return int8_block.attention_inputs(x, cos, sin, layer.qkv.script_args, layer.q_norm, layer.k_norm,
-                                               [s.num_heads, s.num_kv_heads, hd], eps)
+            return int8_block.attention_inputs(x, cos, sin, _script_args(layer.qkv), layer.q_norm, layer.k_norm,
+                                               self._heads, eps)
         qkv = layer.qkv(F.rms_norm(x, (s.hidden_size,), eps=eps))
         if layer.q_norm is None:  # query and key heads rotated in one call
             qk = qkv[:, : self.q_rows + self.kv_rows].view(-1, s.num_heads + s.num_kv_heads, hd)
@@ -246,10 +251,8 @@ class DecoderStack:
     def block_output(self, layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """A block's second half: the residual stream x [N, d] plus attention's output [N, H * hd], then the MLP."""
         if self.script_int8:
-            assert isinstance(layer.o, Int8Linear) and isinstance(layer.gate_up, Int8Linear)
-            assert isinstance(layer.down, Int8Linear)
-            return int8_block.block_output(x, attn, layer.o.script_args, layer.gate_up.script_args,
-                                           layer.down.script_args, self.spec.rms_norm_eps)
+            return int8_block.block_output(x, attn, _script_args(layer.o), _script_args(layer.gate_up),
+                                           _script_args(layer.down), self.spec.rms_norm_eps)
         x = layer.o.residual(x, attn)  # a new tensor: the x passed in may be the caller's
         gate, up = layer.gate_up(F.rms_norm(x, (self.spec.hidden_size,), eps=self.spec.rms_norm_eps)).chunk(2, dim=-1)
         return layer.down.residual(x, F.silu(gate) * up, in_place=True)
@@ -268,17 +271,17 @@ class DecoderStack:
     def _forward(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
         s = self.spec
         assert x.shape[1] == s.hidden_size
-        starts = [0]
-        for seg in segments[:-1]:
-            starts.append(starts[-1] + seg.n)
         x = x.to(device=self.device, dtype=self.dtype)
         positions = torch.cat([torch.arange(seg.offset, seg.end, device=self.device) for seg in segments])
         cos, sin = self.rope(positions)
         alone = len(segments) == 1 and self._one_row(segments[0])
         if alone and self.script_int8:
             seg, kv = segments[0], _cache(segments[0])
-            return int8_block.one_row(x, cos, sin, self._int8_blocks, kv.k, kv.v, seg.offset,
-                                      [s.num_heads, s.num_kv_heads, s.head_dim], s.rms_norm_eps)
+            return int8_block.one_row(x, cos, sin, self._int8_blocks, kv.k, kv.v, seg.offset, self._heads,
+                                      s.rms_norm_eps)
+        starts = [0]
+        for seg in segments[:-1]:
+            starts.append(starts[-1] + seg.n)
         pooled = PooledDecode.of(segments, starts, self)
         for li, layer in enumerate(self.layers):
             qkv = self.attention_inputs(layer, x, cos, sin)

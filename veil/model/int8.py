@@ -110,7 +110,7 @@ def int8_linear(x: torch.Tensor, layer: Int8Args) -> torch.Tensor:
 class Int8Linear:
     """y = x·Wᵀ + b with W held as per-channel int8 and x quantized per row to 8 bits (7 without VNNI)."""
 
-    __slots__ = ("in_features", "out_features", "bias", "script_args")
+    __slots__ = ("in_features", "out_features", "script_args")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if weight.device.type != "cpu":
@@ -122,11 +122,10 @@ class Int8Linear:
             warnings.simplefilter("ignore", UserWarning)
             qweight = torch.quantize_per_channel(q.float() * scale[:, None], scale.double(), zero, 0, torch.qint8)
         packed = torch.ops.quantized.linear_prepack(qweight, None)
-        self.bias = None if bias is None else bias.float()
         # the row that pins every batch's activation range to [-1, 1] (needs in_features >= 2)
         sentinel = torch.zeros(1, self.in_features)
         sentinel[0, 0], sentinel[0, 1] = 1.0, -1.0
-        self.script_args: Int8Args = (sentinel, packed, not has_vnni(), self.bias)
+        self.script_args: Int8Args = (sentinel, packed, not has_vnni(), None if bias is None else bias.float())
 
     def residual(self, x: torch.Tensor, inp: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
         """x + self(inp) (into x when `in_place`), as `Linear.residual` on a CPU."""
