@@ -14,9 +14,14 @@ With `--device cuda` the core runs on the GPU (`core.device`; use `--dtype bfloa
 and the edge on the host's CPUs. `--checkpoint` takes another model than the bundled one (a Hugging Face
 directory or a GGUF file; a machine without the bundled package can take a directory of random weights).
 
+`--core-layers N` cloaks the model cut to its first N decoder layers (the replies are gibberish, the shapes
+and every per-token cost outside the core's forward are the real ones). With N = 1 the core's forward costs
+next to nothing, as a GPU's would beside this model, and 16 ÷ 1 becomes what the edge, the transport and the
+clients allow on this machine's CPUs.
+
     python bench/concurrency.py [--tokens 48] [--wait-ms 10] [--threads 0] [--quantize int8] [--dtype bfloat16]
-                               [--edge-quantize int8] [--max-batch-tokens 8] [--batch-groups 2]
-                               [--device cuda] [--checkpoint DIR]
+                               [--edge-quantize int8] [--edge-threads 1] [--max-batch-tokens 8] [--batch-groups 2]
+                               [--device cuda] [--checkpoint DIR] [--core-layers 1]
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from bench.split_vs_generate import MODEL_NAME, _histogram_mean, bench_split, bench_split_concurrent  # noqa: E402
-from cloaking.checkpoint import bundled_model_path, load_checkpoint  # noqa: E402
+from cloaking.checkpoint import Checkpoint, bundled_model_path, load_checkpoint  # noqa: E402
 from cloaking.cloak import cloak, eos_ids  # noqa: E402
 from cloaking.secretbox import KeySource, create_key_file  # noqa: E402
 from veil.model.decoder import DecoderStack  # noqa: E402
@@ -75,6 +80,17 @@ def core_forward_ms(core_dir: Path, threads: int, quantize: str = "none", dtype:
     return out
 
 
+def keep_first_layers(ckpt: Checkpoint, n: int) -> None:
+    """Cut the checkpoint's model to its first `n` decoder layers, in place."""
+    model = ckpt.model
+    if not 1 <= n <= model.config.num_hidden_layers:
+        raise SystemExit(f"--core-layers must be between 1 and {model.config.num_hidden_layers}")
+    model.model.layers = model.model.layers[:n]
+    model.config.num_hidden_layers = n
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:n]
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -87,7 +103,8 @@ def _batch_rows(metrics_url: str) -> tuple[float, float]:
 
 def measure(root: Path, key: Path, eos: list[int], tokens: int, wait_ms: float, threads: int,
             quantize: str = "none", dtype: str = "float32", edge_quantize: str = "none",
-            max_batch_tokens: int = 0, batch_groups: int = 1, device: str = "cpu") -> dict[str, float]:
+            max_batch_tokens: int = 0, batch_groups: int = 1, device: str = "cpu",
+            edge_threads: int = 0) -> dict[str, float]:
     env = {"VEIL_CORE_MAX_SESSIONS": "32", "VEIL_LOG_LEVEL": "warning", "VEIL_CORE_BATCH_WAIT_MS": str(wait_ms),
            "VEIL_CORE_THREADS": str(threads), "VEIL_CORE_QUANTIZE": quantize, "VEIL_CORE_DTYPE": dtype,
            "VEIL_CORE_BATCH_GROUPS": str(batch_groups), "VEIL_CORE_DEVICE": device}
@@ -96,7 +113,7 @@ def measure(root: Path, key: Path, eos: list[int], tokens: int, wait_ms: float, 
     home = root / f"wait-{wait_ms:g}"
     home.mkdir()
     pair = VeilPair(home, root / "edge", root / "core", key, MODEL_NAME, core_env=env,
-                    edge_env={"VEIL_EDGE_QUANTIZE": edge_quantize})
+                    edge_env={"VEIL_EDGE_QUANTIZE": edge_quantize, "VEIL_EDGE_THREADS": str(edge_threads)})
     try:
         bench_split(pair.base_url, eos, 8)  # warm-up
         if device == "cuda":  # capture each batch's CUDA graphs before the timed runs
@@ -120,6 +137,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="core.threads (0 = torch's default)")
     parser.add_argument("--quantize", default="none", choices=("none", "int8"), help="the core's core.quantize")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the core's core.dtype")
+    parser.add_argument("--edge-threads", type=int, default=0, help="edge.threads (0 = torch's default)")
     parser.add_argument("--edge-quantize", default="none", choices=("none", "int8"), help="the edge's edge.quantize")
     parser.add_argument("--max-batch-tokens", type=int, default=0,
                         help="core.max_batch_tokens (0 = the core's default); half the streams makes two groups whose "
@@ -129,12 +147,17 @@ def main() -> int:
                              "alternation as --max-batch-tokens, following the load)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="the core's core.device")
     parser.add_argument("--checkpoint", type=Path, default=None, help="the model (default: the bundled one)")
+    parser.add_argument("--core-layers", type=int, default=0,
+                        help="cloak only the model's first N decoder layers (0 = all): with 1, the core's forward is "
+                             "almost free and the figure is the edge's and the transport's ceiling")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         key = root / "bundle.key"
         create_key_file(key)
         ckpt = load_checkpoint(args.checkpoint or bundled_model_path())
+        if args.core_layers:
+            keep_first_layers(ckpt, args.core_layers)
         cloak(ckpt, root / "edge", root / "core", KeySource(key_file=key), MODEL_NAME, progress=False)
         eos = eos_ids(ckpt)
         del ckpt
@@ -144,7 +167,8 @@ def main() -> int:
             + f"; at most {16 * alone[1] / alone[16]:.2f}x from 16 streams over 1")
         torch.set_num_threads(1)  # the clients' process: keep its torch out of the servers' way
         results = {wait: measure(root, key, eos, args.tokens, wait, args.threads, args.quantize, args.dtype,
-                                 args.edge_quantize, args.max_batch_tokens, args.batch_groups, args.device)
+                                 args.edge_quantize, args.max_batch_tokens, args.batch_groups, args.device,
+                                 args.edge_threads)
                    for wait in (0.0, args.wait_ms)}
     print(f"\n{'figure':<24}" + "".join(f"{f'wait {w:g} ms':>14}" for w in results))
     for name in results[0.0]:

@@ -5,6 +5,12 @@ row: with one GEMV per stream, 16 streams read it 16 times. Here a stream hands 
 what to do with its logits (sample, mask, log-probabilities) to the batcher; while a GEMM runs
 in the worker thread, the rows of other streams queue, and the next tick takes them all in one
 GEMM, then runs each stream's follow-up in the same thread. One stream alone waits for nobody.
+
+The core answers a forward's steps at once, as one HTTP response each; their streams reach the batcher
+over the next few passes of the event loop (reading the response, opening the frame, checking it). So the
+batcher lets the loop run a few passes before it takes a tick's rows: measured at 16 streams with a core
+whose forward costs next to nothing (SmolLM2 cut to one layer), a tick took 6.3 rows instead of 5.3 and
+the streams' aggregate rose 9%, while one stream alone waits a few microseconds.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from edge_proxy.edge_model import EdgeModel
 from edge_proxy.metrics import EdgeMetrics
 
 T = TypeVar("T")
+_GATHER_PASSES = 3  # event-loop passes before a tick takes its rows (more gathered no more: see above)
 
 
 @dataclasses.dataclass(slots=True)
@@ -48,6 +55,8 @@ class HeadBatcher:
         return await future
 
     async def _drain(self) -> None:
+        for _ in range(_GATHER_PASSES):
+            await asyncio.sleep(0)
         while self._waiting:
             batch, self._waiting = self._waiting, []
             batch = [w for w in batch if not w.future.done()]  # a cancelled stream needs no logits

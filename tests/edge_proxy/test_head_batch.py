@@ -53,6 +53,24 @@ def test_streams_waiting_together_share_one_gemm_and_get_their_own_rows() -> Non
     assert head.calls == [1, 5]  # one stream alone did not wait; the five that queued shared one GEMM
 
 
+def test_streams_whose_answers_land_a_few_loop_passes_apart_share_the_first_tick() -> None:
+    head = CountingHead()
+    rows = torch.randn(3, 8)
+
+    async def main() -> list[int]:
+        batcher = _batcher(head)
+
+        async def stream(i: int) -> int:  # stream i reaches the batcher i passes after the first
+            for _ in range(i):
+                await asyncio.sleep(0)
+            return await batcher.run(rows[i : i + 1], lambda lg: int(lg[0].argmax()))
+
+        return list(await asyncio.gather(*(stream(i) for i in range(3))))
+
+    assert asyncio.run(main()) == [int(r.argmax()) for r in rows @ head.weight.T]
+    assert head.calls == [3]
+
+
 def test_one_streams_failure_is_its_own() -> None:
     head = CountingHead()
 

@@ -14,6 +14,24 @@ def test_greedy_is_argmax() -> None:
     assert Sampler(SamplingParams(temperature=0.0), 1000).sample(logits) == int(logits.argmax())
 
 
+def test_greedy_picks_what_torchs_argmax_picks_for_ties_nans_views_bias_and_masks() -> None:
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(6, 1000, generator=gen)
+    rows[1, [17, 400]] = 9.0  # a tie: the first one
+    rows[2, 700] = float("nan")  # a NaN counts as the largest, as in torch
+    rows[3] = float("-inf")  # everything masked: index 0
+    allowed = torch.zeros(1000, dtype=torch.bool)
+    allowed[[5, 900]] = True
+    for row in rows:  # each a view into `rows`
+        for params, mask in ((SamplingParams(temperature=0.0), None),
+                             (SamplingParams(temperature=0.0, logit_bias={int(row.nan_to_num().argmax()): -100.0}), None),
+                             (SamplingParams(temperature=0.0), allowed)):
+            sampler = Sampler(params, 1000)
+            expected = sampler._adjust(row)
+            expected = expected if mask is None else expected.masked_fill(~mask, float("-inf"))
+            assert sampler.sample(row, mask) == int(torch.argmax(expected))
+
+
 def test_same_seed_same_draws_and_other_seed_differs() -> None:
     assert _draws(SamplingParams(temperature=1.0, seed=7)) == _draws(SamplingParams(temperature=1.0, seed=7))
     assert _draws(SamplingParams(temperature=1.0, seed=7)) != _draws(SamplingParams(temperature=1.0, seed=8))
