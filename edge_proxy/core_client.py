@@ -14,6 +14,8 @@ import logging
 import re
 import secrets
 import ssl
+import urllib.parse
+import urllib.request
 from typing import Any, Protocol
 
 import httpx
@@ -91,6 +93,18 @@ def _core_keys(ident: dict[str, str]) -> CoreKeys:
                     mlkem.MLKEM768PublicKey.from_public_bytes(unb64(pq)) if pq else None)
 
 
+def environment_proxy(url: str) -> str | None:
+    """The forward proxy the environment names for `url` (HTTP_PROXY, HTTPS_PROXY or ALL_PROXY, unless NO_PROXY
+    covers its host), as an httpx client would take it: the edge calls a transport directly (see
+    `HttpCoreTransport._send`), and a transport reads no environment."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
 _RESUMABLE = {"session_unknown", "draining", "not_ready", "runner_failed", "load_failed"}
 RESUME_BACKOFF = (0.05, 0.25, 1.0)  # seconds before each re-handshake after a replica went away
 
@@ -122,6 +136,9 @@ class HttpCoreTransport:
         self._transport = transport
         self._ssl = ssl.create_default_context()  # made once: per-session connections share it
         self._timeouts = httpx.Timeout(timeout).as_dict()
+        self._proxy = environment_proxy(self.base_url)
+        if self._proxy is not None:  # not the proxy's address: it may hold credentials
+            log.info("calls to the core go through the proxy the environment names")
         self._info_connection = self._connection()
         self._core: CoreKeys | None = None  # the core's keys, once /v1/info matched the pin
         self._links: dict[str, _Link] = {}
@@ -130,7 +147,7 @@ class HttpCoreTransport:
         """At most one connection: a session's calls all reach the replica that holds it."""
         if self._transport is not None:
             return self._transport
-        return httpx.AsyncHTTPTransport(verify=self._ssl, limits=httpx.Limits(max_connections=1))
+        return httpx.AsyncHTTPTransport(verify=self._ssl, limits=httpx.Limits(max_connections=1), proxy=self._proxy)
 
     async def _send(self, connection: httpx.AsyncBaseTransport, method: str, path: str, *, resumable: bool = True,
                     content: bytes | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
