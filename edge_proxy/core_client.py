@@ -125,7 +125,8 @@ class _Link:
 class HttpCoreTransport:
     """Sealed steps to a pinned core: one handshake per session, then AEAD frames (see veil.channel).
 
-    `transport` lets tests stand in for the network."""
+    `transport` lets tests stand in for the network: every call goes to it (closing it must leave it usable,
+    as `httpx.MockTransport` does)."""
 
     def __init__(self, base_url: str, timeout: float, *, identity: x25519.X25519PrivateKey, pin: CorePin,
                  post_quantum: bool = False, transport: httpx.AsyncBaseTransport | None = None,
@@ -209,12 +210,12 @@ class HttpCoreTransport:
                                      headers={"content-type": "application/octet-stream"})
             link = _Link(connection, hello.finish(reply.content), locker_key)
         except (EdgeNotAdmitted, CoreIdentityMismatch):
-            await self._close(connection)
+            await connection.aclose()
             self._core = None
             await self.info()  # a core that no longer shows the pinned key says so here, by name
             raise
         except BaseException:
-            await self._close(connection)
+            await connection.aclose()
             raise
         self._links[sid] = link
         return link
@@ -272,14 +273,10 @@ class HttpCoreTransport:
         except _Resume as exc:
             raise CoreUnavailable("the core lost this session twice in a row", code="core_unreachable") from exc
 
-    async def _close(self, connection: httpx.AsyncBaseTransport) -> None:
-        if connection is not self._transport:  # a transport given by a test is shared, and stays open
-            await connection.aclose()
-
     async def _drop(self, sid: str) -> None:
         link = self._links.pop(sid, None)
         if link is not None:
-            await self._close(link.connection)
+            await link.connection.aclose()
 
     async def close_session(self, session: str) -> None:
         link = self._links.get(session)
@@ -296,7 +293,7 @@ class HttpCoreTransport:
     async def aclose(self) -> None:
         for sid in list(self._links):
             await self._drop(sid)
-        await self._close(self._info_connection)
+        await self._info_connection.aclose()
 
 
 def transport_from_settings(settings: Settings, metrics: EdgeMetrics | None = None) -> HttpCoreTransport:

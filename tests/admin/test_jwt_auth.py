@@ -10,10 +10,8 @@ import hmac
 import json
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
@@ -24,6 +22,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from admin.jwt_auth import JwtSettings, JwtVerifier
 from admin.principal import Principal
+from tests.json_server import json_server
 from veil.errors import AuthenticationFailed, ConfigError, ServiceUnavailable
 
 ISS, AUD = "https://idp.example", "veil-edge"
@@ -82,25 +81,12 @@ class Jwks:
 def jwks() -> Iterator[tuple[Jwks, str]]:
     state = Jwks(keys=[jwk(RSA_KEY, "rsa-1", "RS256"), jwk(EC_KEY, "ec-1"), jwk(ED_KEY, "ed-1")])
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            state.hits += 1
-            body = json.dumps({"keys": state.keys}).encode()
-            self.send_response(state.status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(path: str) -> tuple[int, Any]:
+        state.hits += 1
+        return state.status, {"keys": state.keys}
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield state, f"http://127.0.0.1:{server.server_address[1]}/jwks"
-    server.shutdown()
-    server.server_close()
+    with json_server(answer) as url:
+        yield state, url + "/jwks"
 
 
 @pytest.fixture(autouse=True)

@@ -4,14 +4,13 @@ the edge calls httpx's transport directly, which reads no environment itself."""
 from __future__ import annotations
 
 import asyncio
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from edge_proxy.core_client import HttpCoreTransport, environment_proxy
+from tests.json_server import json_server
 from veil.errors import CoreUnavailable
 from veil.identity import CorePin, fingerprint
 
@@ -25,33 +24,18 @@ def clean_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-class _Proxy(BaseHTTPRequestHandler):
-    """Records the request line's target (absolute-form when the client talks to a proxy) and answers 503."""
-
-    seen: list[str] = []
-
-    def do_GET(self) -> None:
-        self.seen.append(self.path)
-        body = b'{"error": {"code": "not_ready"}}'
-        self.send_response(503)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def proxy() -> Iterator[tuple[str, list[str]]]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
-    _Proxy.seen = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", _Proxy.seen
-    server.shutdown()
-    server.server_close()
+    """A proxy that records each request's target (absolute-form when the client talks to a proxy) and answers
+    503: the call went through it, whatever it would have forwarded."""
+    seen: list[str] = []
+
+    def answer(target: str) -> tuple[int, Any]:
+        seen.append(target)
+        return 503, {"error": {"code": "not_ready"}}
+
+    with json_server(answer) as url:
+        yield url, seen
 
 
 def _info(url: str) -> None:
